@@ -1,0 +1,119 @@
+"""GPU monitors: NVML (nvidia-ml-py) on NVIDIA machines, a clear no-GPU mode elsewhere."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ProcessUse:
+    pid: int
+    used_bytes: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    index: int
+    name: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    processes: tuple[ProcessUse, ...] = field(default_factory=tuple)
+    source: str = "nvml"
+
+    @property
+    def free_gib(self) -> float:
+        return self.free_bytes / GIB
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+
+class GpuUnavailable(RuntimeError):
+    pass
+
+
+class GpuMonitor(Protocol):
+    """Reads one GPU's memory. `available` is False in no-GPU mode."""
+
+    @property
+    def available(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+    def read(self) -> GpuReading: ...
+
+
+class NoGpuMonitor:
+    """Machines without NVIDIA: the broker still plans, but takes no GPU actions."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    @property
+    def available(self) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return f"no GPU ({self.reason}); the broker plans but takes no GPU actions"
+
+    def read(self) -> GpuReading:
+        raise GpuUnavailable(self.describe())
+
+
+class NvmlMonitor:
+    def __init__(self, index: int = 0) -> None:
+        import pynvml
+
+        self._nvml = pynvml
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        if not 0 <= index < count:
+            raise GpuUnavailable(f"GPU index {index} does not exist; this machine has {count} "
+                                 f"NVIDIA GPU{'s' if count != 1 else ''} (0..{count - 1})")
+        self.index = index
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(self._handle)
+        self.name = name.decode() if isinstance(name, bytes) else str(name)
+
+    @property
+    def available(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        r = self.read()
+        return (f"GPU {self.index}: {self.name}, {r.total_gib:.1f} GiB total, "
+                f"{r.free_gib:.1f} GiB free (NVML)")
+
+    def _processes(self) -> tuple[ProcessUse, ...]:
+        try:
+            procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except self._nvml.NVMLError:
+            return ()  # not allowed in containers or on some drivers
+        return tuple(ProcessUse(p.pid, int(p.usedGpuMemory or 0)) for p in procs)
+
+    def read(self) -> GpuReading:
+        try:
+            mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+        except self._nvml.NVMLError as err:
+            raise GpuUnavailable(f"NVML failed reading GPU {self.index}: {err}") from err
+        return GpuReading(self.index, self.name, int(mem.total), int(mem.used), int(mem.free),
+                          self._processes())
+
+
+def open_monitor(index: int = 0) -> GpuMonitor:
+    """NVML when it works, else the no-GPU mode with the reason."""
+    try:
+        return NvmlMonitor(index)
+    except GpuUnavailable:
+        raise
+    except Exception as err:  # pynvml raises NVMLError_LibraryNotFound etc. without NVIDIA
+        log.info("NVML not usable (%s): no-GPU mode", err)
+        return NoGpuMonitor(f"NVML: {err}")

@@ -1,0 +1,186 @@
+"""`story-to-video` command line. Errors print one clear line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .config import ConfigError, Settings, load_settings
+from .engines.base import VideoEngineError
+from .llm.base import LLMError
+from .run import InputError, RunSpec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Turn a one-line idea into a finished video on one local GPU.")
+
+USER_ERRORS = (ConfigError, InputError, LLMError, VideoEngineError)
+
+IdeaOpt = Annotated[str, typer.Option("--idea", help="the one-line idea")]
+ScenesOpt = Annotated[int, typer.Option("--scenes", help="number of scenes")]
+SecondsOpt = Annotated[float, typer.Option("--target-seconds", help="length of the video")]
+StyleOpt = Annotated[str | None, typer.Option("--style", help="style or genre")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file")]
+BackendOpt = Annotated[str | None, typer.Option(
+    "--llm-backend", help="llamacpp-embedded | lmstudio | ollama | openai-compatible")]
+UrlOpt = Annotated[str | None, typer.Option("--llm-url", help="OpenAI-compatible base URL")]
+ModelOpt = Annotated[str | None, typer.Option("--llm-model", help="model name on the server")]
+
+
+def _fail(err: BaseException) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+def _llm_overrides(backend: str | None, url: str | None, model: str | None) -> dict[str, Any]:
+    return {k: v for k, v in {"backend": backend, "base_url": url, "model": model}.items()
+            if v is not None}
+
+
+@app.command()
+def run(
+    idea: IdeaOpt,
+    scenes: ScenesOpt = 3,
+    target_seconds: SecondsOpt = 12.0,
+    style: StyleOpt = None,
+    engine: Annotated[str | None, typer.Option("--engine", help="preview | comfyui")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="output folder")] = None,
+    config: ConfigOpt = None,
+    llm_backend: BackendOpt = None,
+    llm_url: UrlOpt = None,
+    llm_model: ModelOpt = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="run folder name")] = None,
+) -> None:
+    """Run the whole flow locally and print the path of final.mp4 last."""
+    from flows.story_to_video import story_to_video
+
+    try:
+        final = story_to_video(
+            idea=idea, scenes=scenes, target_seconds=target_seconds, style=style,
+            engine=engine, output_dir=str(output) if output else None,
+            config_file=str(config) if config else None,
+            llm=_llm_overrides(llm_backend, llm_url, llm_model) or None, run_name=run_name,
+        )
+    except USER_ERRORS as err:
+        _fail(err)
+    typer.echo(final)
+
+
+@app.command()
+def plan(
+    idea: IdeaOpt,
+    scenes: ScenesOpt = 3,
+    target_seconds: SecondsOpt = 12.0,
+    style: StyleOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    config: ConfigOpt = None,
+    llm_backend: BackendOpt = None,
+    llm_url: UrlOpt = None,
+    llm_model: ModelOpt = None,
+) -> None:
+    """Write the story and the validated shot plan; with --json, stdout holds only JSON."""
+    from .llm import open_llm
+    from .planner import Planner, plan_from_story
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(config, {"style": style, **{
+            f"llm.{k}": v for k, v in _llm_overrides(llm_backend, llm_url, llm_model).items()}})
+        spec = RunSpec(idea=idea, scenes=scenes, target_seconds=target_seconds,
+                       style=settings.style, engine=settings.engine, output_dir=Path("."))
+        with open_llm(settings.llm) as llm:
+            planner = Planner(llm, max_tries=settings.llm.max_repair_tries,
+                              temperature=settings.llm.temperature)
+            story = planner.write_story(spec.idea, spec.style, spec.scenes)
+            result = plan_from_story(planner, idea=spec.idea, story=story, style=spec.style,
+                                     scenes=spec.scenes, target_seconds=spec.target_seconds,
+                                     video=settings.video)
+    except USER_ERRORS as err:
+        _fail(err)
+    if as_json:
+        sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+        return
+    typer.echo(f"{result.idea}  ({result.duration_s:.1f}s, {len(result.shots)} shots)\n")
+    typer.echo(result.story + "\n")
+    for scene in result.scenes:
+        typer.echo(f"Scene {scene.index + 1}: {scene.title} - {scene.setting}")
+        for shot in scene.shots:
+            typer.echo(f"  {shot.id} [{shot.frames} f, {shot.camera}] {shot.action}")
+
+
+def _check(label: str, fn: Any) -> bool:
+    try:
+        detail = fn()
+        typer.echo(f"[ok]   {label}: {detail}")
+        return True
+    except Exception as err:  # doctor reports every failure, it never stops at one
+        typer.echo(f"[FAIL] {label}: {err}")
+        return False
+
+
+def _llm_status(settings: Settings) -> str:
+    from .llm import open_llm
+
+    with open_llm(settings.llm) as llm:
+        return f"{llm.description} answers; models: {', '.join(llm.models())}"
+
+
+def _engine_status(settings: Settings) -> str:
+    from .engines import make_engine
+
+    engine = make_engine(settings)
+    try:
+        status = engine.check()
+    finally:
+        engine.close()
+    if not status.ok:
+        raise RuntimeError(status.detail)
+    return status.detail
+
+
+def _gpu_status(settings: Settings) -> str:
+    from resource_broker.gpu import open_monitor
+
+    return open_monitor(settings.broker.gpu_index).describe()
+
+
+def _prefect_status() -> str:
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return "no PREFECT_API_URL: flows run in Prefect's ephemeral mode (local, temporary)"
+    r = httpx.get(f"{url.rstrip('/')}/health", timeout=5)
+    r.raise_for_status()
+    return f"Prefect API at {url} answers"
+
+
+@app.command()
+def doctor(config: ConfigOpt = None) -> None:
+    """Say which LLM, engine, GPU and Prefect API would be used, and whether each answers."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as err:
+        _fail(err)
+    checks = [
+        _check(f"LLM ({settings.llm.backend})", lambda: _llm_status(settings)),
+        _check(f"engine ({settings.engine})", lambda: _engine_status(settings)),
+        _check("GPU", lambda: _gpu_status(settings)),
+        _check("Prefect", _prefect_status),
+        _check("output", lambda: f"{Path(settings.output_dir).resolve()} "
+               f"({'exists' if Path(settings.output_dir).exists() else 'will be created'})"),
+    ]
+    if not all(checks):
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

@@ -1,0 +1,1 @@
+"""Prefect tasks: one per pipeline stage. Each depends on the service Protocols only."""
