@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -57,9 +56,13 @@ def run(
     run_name: Annotated[str | None, typer.Option("--run-name", help="run folder name")] = None,
 ) -> None:
     """Run the whole flow locally and print the path of final.mp4 last."""
-    from flows.story_to_video import story_to_video
+    from flows.pipeline import story_to_video
 
     try:
+        # Fail on bad input now, before Prefect starts its temporary server.
+        settings = load_settings(config, {"engine": engine, "style": style})
+        RunSpec(idea=idea, scenes=scenes, target_seconds=target_seconds, style=settings.style,
+                engine=settings.engine, output_dir=output or Path(settings.output_dir))
         final = story_to_video(
             idea=idea, scenes=scenes, target_seconds=target_seconds, style=style,
             engine=engine, output_dir=str(output) if output else None,

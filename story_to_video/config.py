@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -36,6 +36,7 @@ class ConfigError(ValueError):
 
 
 class LLMSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     backend: LLMBackendName = "llamacpp-embedded"
     base_url: str | None = Field(
         default=None, description="OpenAI-compatible base URL; defaults per backend"
@@ -79,6 +80,7 @@ class LLMSettings(BaseModel):
 
 
 class VideoSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     width: int = Field(default=832, ge=128, le=2048, multiple_of=16)
     height: int = Field(default=480, ge=128, le=2048, multiple_of=16)
     fps: int = Field(default=16, ge=4, le=60)
@@ -87,6 +89,7 @@ class VideoSettings(BaseModel):
 
 
 class ComfyUISettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     url: str = "http://127.0.0.1:8188"
     workflow: str = "wan22_ti2v_5b"
     binding: str | None = None
@@ -99,6 +102,7 @@ class ComfyUISettings(BaseModel):
 
 
 class BrokerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     gpu_index: int = Field(default=0, ge=0)
     budget_gib: float | None = Field(default=None, gt=0, description="cap below the card's total")
     safety_margin_gib: float = Field(default=1.0, ge=0)

@@ -112,8 +112,10 @@ class Shot(BaseModel):
     @classmethod
     def _four_k_plus_one(cls, v: int) -> int:
         if (v - 1) % 4:
-            lo = v - (v - 1) % 4
-            raise ValueError(f"frames must be 4k+1 (e.g. 33, 49, 81, 121, 161); nearest {lo}")
+            nearest = 4 * round((v - 1) / 4) + 1
+            raise ValueError(
+                f"frames must be 4k+1 (e.g. 33, 49, 81, 121, 161); nearest {nearest}"
+            )
         return v
 
     @property

@@ -15,6 +15,4 @@ def make_engine(settings: Settings, plan: ShotPlan | None = None) -> VideoEngine
     titles = {s.index: s.title for s in plan.scenes} if plan else {}
     if settings.engine == "preview":
         return PreviewEngine(titles)
-    from .comfyui import ComfyUIEngine
-
-    return ComfyUIEngine.from_settings(settings)
+    raise VideoEngineError(f"engine {settings.engine!r} is not available in this build")

@@ -77,11 +77,12 @@ class EmbeddedLlamaServer:
             "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads),
             "--n_gpu_layers", str(self.gpu_layers),
         ]
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         log.info("starting embedded LLM server: %s on port %d", self.model_path.name, self.port)
-        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        if out is not subprocess.DEVNULL:
-            out.close()
+        if self.log_path is None:
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        else:
+            with open(self.log_path, "ab") as out:
+                self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         self._wait_healthy()
         return self.base_url
 

@@ -1,0 +1,158 @@
+"""The `story-to-video` flow: idea -> story -> shot plan -> clips -> final.mp4."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.logging.handlers import APILogHandler
+
+from story_to_video.atomic import write_json_atomic
+from story_to_video.batch import load_batch
+from story_to_video.config import Settings, load_settings
+from story_to_video.engines import make_engine
+from story_to_video.llm import open_llm
+from story_to_video.run import RunFolder, RunSpec, safe_name
+from tasks.assemble import assemble_video
+from tasks.plan import plan_shots
+from tasks.render import render_shot
+from tasks.story import write_story
+
+OUR_LOGGERS = ("story_to_video", "resource_broker")
+
+
+def _send_library_logs_to_prefect() -> None:
+    """Library code logs with `logging`; route it to the Prefect UI too (no env needed)."""
+    for name in OUR_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.INFO)
+        if not any(isinstance(h, APILogHandler) for h in lg.handlers):
+            lg.addHandler(APILogHandler())
+
+
+def prepare(
+    idea: str, scenes: int, target_seconds: float, style: str | None, engine: str | None,
+    output_dir: str | None, config_file: str | None, llm: dict[str, Any] | None,
+    run_name: str | None,
+) -> tuple[Settings, RunFolder]:
+    """Validate everything and create the run folder; raises before any work is done."""
+    overrides: dict[str, Any] = {"style": style, "engine": engine, "output_dir": output_dir}
+    overrides.update({f"llm.{k}": v for k, v in (llm or {}).items()})
+    settings = load_settings(config_file, overrides)
+    spec = RunSpec(idea=idea, scenes=scenes, target_seconds=target_seconds,
+                   style=settings.style, engine=settings.engine,
+                   output_dir=Path(settings.output_dir), run_name=run_name)
+    folder = RunFolder(spec)
+    folder.prepare()
+    return settings, folder
+
+
+@flow(name="video", flow_run_name="video-{idea}")
+def make_video(
+    idea: str,
+    scenes: int = 3,
+    target_seconds: float = 12.0,
+    style: str | None = None,
+    engine: str | None = None,
+    output_dir: str | None = None,
+    config_file: str | None = None,
+    llm: dict[str, Any] | None = None,
+    run_name: str | None = None,
+) -> str:
+    """One idea to one final.mp4. Re-running with the same inputs resumes its run folder."""
+    _send_library_logs_to_prefect()
+    log = get_run_logger()
+    settings, folder = prepare(idea, scenes, target_seconds, style, engine, output_dir,
+                               config_file, llm, run_name)
+    log.info("run folder %s; engine %s", folder.root, settings.engine)
+    started = time.time()
+
+    plan = folder.load_plan()
+    llm_used = "reused plan"
+    if plan is None:
+        with open_llm(settings.llm, folder.root) as backend:
+            llm_used = backend.description
+            story = write_story(backend, folder, settings.llm.temperature)
+            plan = plan_shots(backend, folder, story, settings.llm, settings.video)
+        # Leaving the block stopped an embedded LLM: its memory is free for video work.
+
+    video = make_engine(settings, plan)
+    try:
+        records = [render_shot(video, shot, folder) for shot in plan.shots]
+    finally:
+        video.close()
+
+    run_info = {"idea": folder.spec.idea, "scenes": folder.spec.scenes,
+                "target_seconds": folder.spec.target_seconds, "style": folder.spec.style,
+                "engine": settings.engine, "preview": video.is_preview, "llm": llm_used,
+                "started_at": started}
+    return assemble_video(folder, plan, records, run_info)
+
+
+@flow(name="story-to-video", log_prints=True)
+def story_to_video(
+    idea: str = "",
+    scenes: int = 3,
+    target_seconds: float = 12.0,
+    style: str | None = None,
+    engine: str | None = None,
+    output_dir: str | None = None,
+    config_file: str | None = None,
+    llm: dict[str, Any] | None = None,
+    run_name: str | None = None,
+    batch: str | None = None,
+) -> str:
+    """Turn a one-line idea (or each idea of a `batch` file) into final.mp4.
+
+    Returns the path of final.mp4, or of the batch summary in batch mode.
+    `llm` overrides LLM settings, e.g. {"backend": "lmstudio", "model": "qwen2.5-7b"}.
+    """
+    common: dict[str, Any] = {"style": style, "engine": engine, "output_dir": output_dir,
+                              "config_file": config_file, "llm": llm}
+    if batch:
+        return run_batch(batch, scenes, target_seconds, common)
+    final = make_video(idea=idea, scenes=scenes, target_seconds=target_seconds,
+                       run_name=run_name, **common)
+    return str(final)
+
+
+def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, Any]) -> str:
+    """Every idea in the file, one after another; one failure never stops the others."""
+    log = get_run_logger()
+    parsed = load_batch(batch)
+    summary: dict[str, list[dict[str, Any]]] = {"done": [], "failed": [], "skipped": []}
+    for problem in parsed.problems:
+        log.error("batch %s: %s: skipped", problem.where, problem.reason)
+        summary["skipped"].append({"where": problem.where, "reason": problem.reason})
+    seen: dict[tuple[Any, ...], str] = {}
+    for where, entry in parsed.entries:
+        params = {"idea": entry.idea, "scenes": entry.scenes or scenes,
+                  "target_seconds": entry.target_seconds or target_seconds,
+                  "run_name": entry.run_name, **common}
+        for key in ("style", "engine"):
+            if getattr(entry, key) is not None:
+                params[key] = getattr(entry, key)
+        ident = (" ".join(entry.idea.split()).casefold(), params["scenes"],
+                 params["target_seconds"], params["style"], params["engine"], entry.run_name)
+        if ident in seen:
+            reason = f"duplicate of {seen[ident]}"
+            log.warning("batch %s: %s: skipped", where, reason)
+            summary["skipped"].append({"where": where, "idea": entry.idea, "reason": reason})
+            continue
+        seen[ident] = where
+        try:
+            final = make_video(**params)
+            summary["done"].append({"where": where, "idea": entry.idea, "final": final})
+        except Exception as err:  # one idea's failure is recorded, the batch goes on
+            log.error("batch %s (%s) failed: %s", where, entry.idea, err)
+            summary["failed"].append({"where": where, "idea": entry.idea,
+                                      "reason": f"{type(err).__name__}: {err}"})
+    out_dir = Path(common["output_dir"] or load_settings(common["config_file"]).output_dir)
+    out = out_dir / f"batch-{safe_name(Path(batch).stem)}-summary.json"
+    write_json_atomic(out, summary)
+    log.info("batch %s: %d done, %d failed, %d skipped; summary %s", batch,
+             len(summary["done"]), len(summary["failed"]), len(summary["skipped"]), out)
+    return str(out)

@@ -1,0 +1,3 @@
+from story_to_video.cli import main
+
+main()
