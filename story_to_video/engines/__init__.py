@@ -15,4 +15,6 @@ def make_engine(settings: Settings, plan: ShotPlan | None = None) -> VideoEngine
     titles = {s.index: s.title for s in plan.scenes} if plan else {}
     if settings.engine == "preview":
         return PreviewEngine(titles)
-    raise VideoEngineError(f"engine {settings.engine!r} is not available in this build")
+    from .comfyui import ComfyUIEngine
+
+    return ComfyUIEngine.from_settings(settings)

@@ -1,0 +1,205 @@
+"""Workflows and bindings: load, check (offline and against /object_info), bind a shot.
+
+A binding says which node input carries each shot field, so any API-format workflow
+exported from ComfyUI can be driven without editing code.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ...models import Shot
+from .errors import WorkflowError
+
+Workflow = dict[str, dict[str, Any]]
+Target = tuple[str, str]
+
+BINDABLE = ("prompt", "negative_prompt", "seed", "frames", "width", "height", "fps",
+            "start_image", "steps", "split_step", "lora_strength_high", "lora_strength_low",
+            "filename_prefix")
+MODELS = ("wan2.2-14b", "wan2.2-5b", "wan2.1-14b", "wan2.1-1.3b")
+
+
+class BindingNodes(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    decode: str
+    output: str
+    high_sampler: str | None = None
+    low_sampler: str | None = None
+    high_model: str | None = None
+    low_model: str | None = None
+
+
+class Binding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workflow: str
+    model: str = Field(description=f"one of {MODELS}: sizes the broker's cost model")
+    inputs: dict[str, list[Target]]
+    nodes: BindingNodes
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}")
+        return v
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for key, val in v.items():
+            if key not in BINDABLE:
+                raise ValueError(f"unknown input {key!r}; bindable: {', '.join(BINDABLE)}")
+            single = (isinstance(val, list) and len(val) == 2
+                      and all(isinstance(x, str) for x in val))
+            out[key] = [val] if single else val
+        return out
+
+    @property
+    def two_expert(self) -> bool:
+        return self.nodes.high_sampler is not None and self.nodes.low_sampler is not None
+
+
+def load_workflow(path: Path) -> Workflow:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WorkflowError(f"workflow file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise WorkflowError(f"workflow {path} is not JSON: {err}") from None
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        raise WorkflowError(
+            f"{path} is a UI-format workflow (it has 'nodes' and 'links'). Export the API "
+            "format instead: in ComfyUI, Workflow menu > Export (API) (older versions: enable "
+            "dev mode options in the settings, then 'Save (API Format)')."
+        )
+    if not isinstance(data, dict) or not data or not all(
+            isinstance(v, dict) and "class_type" in v and isinstance(v.get("inputs"), dict)
+            for v in data.values()):
+        raise WorkflowError(f"{path} is not an API-format workflow "
+                            "({node id: {class_type, inputs}})")
+    return data
+
+
+def load_binding(path: Path) -> Binding:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return Binding.model_validate(raw)
+    except FileNotFoundError:
+        raise WorkflowError(f"binding file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise WorkflowError(f"binding {path} is not valid TOML: {err}") from None
+    except ValidationError as err:
+        msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                         for e in err.errors())
+        raise WorkflowError(f"binding {path}: {msgs}") from None
+
+
+@dataclass(frozen=True)
+class BoundWorkflow:
+    workflow: Workflow
+    binding: Binding
+    source: str
+
+    @staticmethod
+    def load(binding_file: Path, workflow_file: Path | None = None) -> BoundWorkflow:
+        binding = load_binding(binding_file)
+        wf_path = workflow_file or (binding_file.parent / binding.workflow)
+        bw = BoundWorkflow(load_workflow(wf_path), binding, str(wf_path))
+        problems = bw.offline_problems()
+        if problems:
+            raise WorkflowError(f"{wf_path} with {binding_file}: " + "; ".join(problems))
+        return bw
+
+    def fingerprint(self) -> str:
+        raw = json.dumps([self.workflow, self.binding.model_dump()], sort_keys=True)
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def offline_problems(self) -> list[str]:
+        wf, out = self.workflow, []
+        for name, targets in self.binding.inputs.items():
+            for node, inp in targets:
+                if node not in wf:
+                    out.append(f"binding {name}: node {node} is not in the workflow")
+                elif inp not in wf[node]["inputs"]:
+                    out.append(f"binding {name}: node {node} ({wf[node]['class_type']}) has "
+                               f"no input {inp!r}")
+        for role, nid in self.binding.nodes.model_dump().items():
+            if nid is not None and nid not in wf:
+                out.append(f"binding nodes.{role}: node {nid} is not in the workflow")
+        for node_id, node in wf.items():
+            for inp, val in node["inputs"].items():
+                if _is_link(val) and str(val[0]) not in wf:
+                    out.append(f"node {node_id} input {inp} links to missing node {val[0]}")
+        for field in ("prompt", "seed", "frames", "width", "height"):
+            if field not in self.binding.inputs:
+                out.append(f"binding has no {field!r} input: the shot's {field} cannot be set")
+        return out
+
+    def online_problems(self, object_info: dict[str, Any]) -> list[str]:
+        """Checks against a live ComfyUI: classes exist, inputs exist, model files exist."""
+        out = []
+        bound = {t for ts in self.binding.inputs.values() for t in ts}
+        for node_id, node in self.workflow.items():
+            cls = node["class_type"]
+            info = object_info.get(cls)
+            if info is None:
+                out.append(f"node {node_id}: class {cls!r} is not installed in ComfyUI "
+                           "(missing custom node?)")
+                continue
+            spec = {**info.get("input", {}).get("required", {}),
+                    **info.get("input", {}).get("optional", {})}
+            for inp, val in node["inputs"].items():
+                if inp not in spec:
+                    if (node_id, inp) in bound:
+                        out.append(f"node {node_id} ({cls}) has no input {inp!r} in this "
+                                   "ComfyUI")
+                    continue
+                options = _combo_options(spec[inp])
+                if (options is not None and not _is_link(val) and (node_id, inp) not in bound
+                        and val not in options):
+                    shown = ", ".join(map(str, options[:6])) or "none"
+                    out.append(f"node {node_id} ({cls}): {inp}={val!r} is not available; "
+                               f"ComfyUI has: {shown}")
+        return out
+
+    def bind(self, shot: Shot, **extra: Any) -> Workflow:
+        """A new workflow with the shot's values in the bound inputs (the original is kept)."""
+        values: dict[str, Any] = {
+            "prompt": shot.prompt, "negative_prompt": shot.negative_prompt,
+            "seed": shot.seed, "frames": shot.frames, "width": shot.width,
+            "height": shot.height, "fps": shot.fps,
+            "filename_prefix": f"story-to-video/{shot.id}",
+        }
+        values.update({k: v for k, v in extra.items() if v is not None})
+        wf = copy.deepcopy(self.workflow)
+        for name, value in values.items():
+            for node, inp in self.binding.inputs.get(name, []):
+                wf[node]["inputs"][inp] = value
+        return wf
+
+
+def _is_link(val: Any) -> bool:
+    return isinstance(val, list) and len(val) == 2 and isinstance(val[1], int)
+
+
+def _combo_options(spec: Any) -> list[Any] | None:
+    """Options of a COMBO input in /object_info (old form: [[...]], new: ["COMBO", {options}])."""
+    if isinstance(spec, list) and spec:
+        if isinstance(spec[0], list):
+            return list(spec[0])
+        if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict):
+            opts = spec[1].get("options")
+            return list(opts) if isinstance(opts, list) else None
+    return None
