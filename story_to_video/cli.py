@@ -184,6 +184,41 @@ def doctor(config: ConfigOpt = None) -> None:
         raise typer.Exit(1)
 
 
+workflows_app = typer.Typer(help="ComfyUI workflows: check them before spending GPU time.")
+app.add_typer(workflows_app, name="workflows")
+
+
+@workflows_app.command("check")
+def workflows_check(
+    file: Annotated[Path, typer.Argument(help="API-format workflow JSON")],
+    binding: Annotated[Path | None, typer.Option(
+        "--binding", help="binding TOML; default: FILE's name with .binding.toml")] = None,
+    comfyui_url: Annotated[str | None, typer.Option(
+        "--comfyui-url", help="also check classes, inputs and model files against it")] = None,
+) -> None:
+    """Check a workflow and its binding; exits non-zero with the reasons."""
+    from .engines.comfyui import BoundWorkflow, ComfyUIClient, ComfyUIError
+
+    binding = binding or file.with_name(file.name.removesuffix(".json") + ".binding.toml")
+    try:
+        bound = BoundWorkflow.load(binding, file)
+        problems: list[str] = []
+        if comfyui_url:
+            client = ComfyUIClient(comfyui_url)
+            try:
+                problems = bound.online_problems(client.object_info())
+            finally:
+                client.close()
+    except ComfyUIError as err:
+        _fail(err)
+    for p in problems:
+        typer.echo(f"problem: {p}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    where = f" and against {comfyui_url}" if comfyui_url else " (offline checks only)"
+    typer.echo(f"ok: {file} with {binding} checks out{where}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

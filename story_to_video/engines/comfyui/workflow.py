@@ -138,8 +138,8 @@ class BoundWorkflow:
         for role, nid in self.binding.nodes.model_dump().items():
             if nid is not None and nid not in wf:
                 out.append(f"binding nodes.{role}: node {nid} is not in the workflow")
-        for node_id, node in wf.items():
-            for inp, val in node["inputs"].items():
+        for node_id, spec in wf.items():
+            for inp, val in spec["inputs"].items():
                 if _is_link(val) and str(val[0]) not in wf:
                     out.append(f"node {node_id} input {inp} links to missing node {val[0]}")
         for field in ("prompt", "seed", "frames", "width", "height"):
