@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -217,6 +218,52 @@ def workflows_check(
         raise typer.Exit(1)
     where = f" and against {comfyui_url}" if comfyui_url else " (offline checks only)"
     typer.echo(f"ok: {file} with {binding} checks out{where}")
+
+
+broker_app = typer.Typer(help="GPU resource broker.")
+app.add_typer(broker_app, name="broker")
+
+
+@broker_app.command("plan")
+def broker_plan(
+    model: Annotated[str, typer.Option("--model", help="wan2.2-14b | wan2.2-5b | ...")],
+    frames: Annotated[int, typer.Option("--frames")],
+    width: Annotated[int, typer.Option("--width")],
+    height: Annotated[int, typer.Option("--height")],
+    budget_gib: Annotated[float, typer.Option("--budget-gib", help="VRAM budget")],
+    llm_gib: Annotated[float, typer.Option("--llm-gib", help="VRAM the LLM holds")] = 0.0,
+    margin_gib: Annotated[float, typer.Option("--margin-gib")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Dry run, no GPU touched: predicted peak of each stage and the broker's actions."""
+    from pydantic import ValidationError
+
+    from resource_broker.cost_model import CostModel
+    from resource_broker.policy import BudgetTooSmall, plan_shot
+
+    from .models import Shot
+
+    try:
+        Shot(id="s01_sh01", scene_index=0, shot_index=0, action="-", prompt="-",
+             frames=frames, fps=16, width=width, height=height, seed=0)
+        result = plan_shot(CostModel.for_model(model), frames, width, height,
+                           budget_gib=budget_gib, margin_gib=margin_gib, llm_gib=llm_gib)
+    except ValidationError as err:
+        _fail(ValueError("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in err.errors())))
+    except (BudgetTooSmall, ValueError) as err:
+        _fail(err)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+        return
+    typer.echo(f"{model}: {frames} frames at {width}x{height}, budget {budget_gib} GiB "
+               f"(margin {margin_gib}), LLM {llm_gib} GiB")
+    typer.echo("cost (GiB): " + ", ".join(f"{k} {v}" for k, v in result.cost.items()))
+    typer.echo("predicted peak per stage (GiB): " + ", ".join(
+        f"{k} {v}" for k, v in result.stage_peaks_gib.items()) + f"; peak {result.peak_gib}")
+    for d in result.decisions:
+        extra = f" {d.params}" if d.params else ""
+        typer.echo(f"  {d.stage:8} {d.action:26} need {d.predicted_gib:6.2f} GiB of "
+                   f"{d.available_gib:6.2f}: {d.reason}{extra}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,0 +1,164 @@
+"""VRAM cost model: predicted peak of each stage of a shot, from model sizes and the shot.
+
+Calibrated from shared/ANCHORS.md (H100, Wan 2.2 A14B architecture, bf16, SDPA):
+activations 0.108 MiB per latent token (linear over 14k-76k tokens), VAE full decode about
+145 bytes per output pixel-frame, one expert 13.57 GiB in fp8 / 26.7 GiB in bf16. Measured
+peaks refine the per-token and per-pixel-frame figures per machine (`Calibration.refine`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+GIB = 2**30
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    experts: int  # 2 for Wan 2.2 A14B (high-noise + low-noise), 1 otherwise
+    expert_bytes: int  # one expert's weights as stored
+    blocks: int  # transformer blocks (block swap granularity)
+    patch_div: int  # pixels per latent token side: VAE stride x patch (8x2 = 16, 16x2 = 32)
+    act_bytes_per_token: float
+    vae_weight_bytes: int
+    vae_bytes_per_pixel_frame: float  # full decode
+    vae_tiled_base_bytes: int  # tiled decode with default tiles: base + per pixel-frame
+    vae_tiled_bytes_per_pixel_frame: float
+    text_encoder_bytes: int
+
+    @property
+    def block_bytes(self) -> int:
+        return self.expert_bytes // self.blocks
+
+
+# Anchors (shared/ANCHORS.md). The 5B TI2V: 5.0 B params in fp16 (10 GiB), 30 blocks, dim
+# 3072 (activations scale by width vs the 14B's 5120), VAE stride 16 with 2x2 patches.
+_ACT_14B = 0.108 * MIB
+_VAE_PF = 145.0
+_TILED_BASE, _TILED_PF = int(0.17 * GIB), 25.6
+_UMT5_FP8 = int(6.27e9)
+
+MODELS: dict[str, ModelSpec] = {
+    "wan2.2-14b": ModelSpec("wan2.2-14b", 2, int(13.57 * GIB), 40, 16, _ACT_14B,
+                            int(0.93 * GIB), _VAE_PF, _TILED_BASE, _TILED_PF, _UMT5_FP8),
+    "wan2.2-14b-bf16": ModelSpec("wan2.2-14b-bf16", 2, int(26.7 * GIB), 40, 16, _ACT_14B,
+                                 int(0.93 * GIB), _VAE_PF, _TILED_BASE, _TILED_PF, _UMT5_FP8),
+    "wan2.1-14b": ModelSpec("wan2.1-14b", 1, int(13.57 * GIB), 40, 16, _ACT_14B,
+                            int(0.93 * GIB), _VAE_PF, _TILED_BASE, _TILED_PF, _UMT5_FP8),
+    "wan2.2-5b": ModelSpec("wan2.2-5b", 1, int(9.3 * GIB), 30, 32, _ACT_14B * 3072 / 5120,
+                           int(1.4 * GIB), _VAE_PF * 1.5, _TILED_BASE, _TILED_PF * 1.5,
+                           _UMT5_FP8),
+    "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", 1, int(2.6 * GIB), 30, 16, _ACT_14B * 1536 / 5120,
+                             int(0.93 * GIB), _VAE_PF, _TILED_BASE, _TILED_PF, _UMT5_FP8),
+}
+CUDA_CONTEXT_BYTES = int(0.55 * GIB)
+
+
+def latent_frames(frames: int) -> int:
+    return (frames - 1) // 4 + 1
+
+
+def tokens(spec: ModelSpec, frames: int, width: int, height: int) -> int:
+    return latent_frames(frames) * (height // spec.patch_div) * (width // spec.patch_div)
+
+
+def expert_bytes_from_file(size_bytes: int, dtype: str) -> int:
+    """Weights in VRAM for a checkpoint file: fp8 files load as stored; a bf16/fp16 file
+    loaded as fp8 (weight_dtype fp8_e4m3fn) takes half its size."""
+    return size_bytes // 2 if dtype.startswith("fp8") and size_bytes > 20 * GIB else size_bytes
+
+
+@dataclass
+class Calibration:
+    """Per-machine refinements from measured peaks (ratio measured/predicted, smoothed)."""
+
+    act_scale: float = 1.0
+    vae_scale: float = 1.0
+    samples: int = 0
+
+    def refine(self, kind: str, predicted: int, measured: int, weight: float = 0.3) -> None:
+        if predicted <= 0 or measured <= 0:
+            return
+        ratio = measured / predicted
+        if kind == "act":
+            self.act_scale = (1 - weight) * self.act_scale + weight * ratio
+        elif kind == "vae":
+            self.vae_scale = (1 - weight) * self.vae_scale + weight * ratio
+        self.samples += 1
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @staticmethod
+    def load(path: Path) -> Calibration:
+        return Calibration(**json.loads(path.read_text())) if path.is_file() else Calibration()
+
+
+@dataclass(frozen=True)
+class ShotCost:
+    """Bytes each part of a shot needs on the GPU."""
+
+    model: str
+    frames: int
+    width: int
+    height: int
+    tokens: int
+    expert: int
+    activations: int
+    vae_weights: int
+    decode_full: int
+    decode_tiled: int
+    text_encoder: int
+    context: int
+
+    def gib(self) -> dict[str, float]:
+        return {k: round(v / GIB, 2) for k, v in asdict(self).items() if isinstance(v, int)
+                and k not in ("frames", "width", "height", "tokens")}
+
+
+@dataclass
+class CostModel:
+    spec: ModelSpec
+    calibration: Calibration = field(default_factory=Calibration)
+    context_bytes: int = CUDA_CONTEXT_BYTES
+
+    @staticmethod
+    def for_model(name: str, calibration: Calibration | None = None) -> CostModel:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+        return CostModel(MODELS[name], calibration or Calibration())
+
+    def with_expert_bytes(self, expert_bytes: int) -> CostModel:
+        return replace(self, spec=replace(self.spec, expert_bytes=expert_bytes))
+
+    def shot(self, frames: int, width: int, height: int) -> ShotCost:
+        s = self.spec
+        n = tokens(s, frames, width, height)
+        pf = frames * width * height
+        return ShotCost(
+            model=s.name, frames=frames, width=width, height=height, tokens=n,
+            expert=s.expert_bytes,
+            activations=int(n * s.act_bytes_per_token * self.calibration.act_scale),
+            vae_weights=s.vae_weight_bytes,
+            decode_full=int(pf * s.vae_bytes_per_pixel_frame * self.calibration.vae_scale),
+            decode_tiled=int(s.vae_tiled_base_bytes + pf * s.vae_tiled_bytes_per_pixel_frame),
+            text_encoder=s.text_encoder_bytes, context=self.context_bytes,
+        )
+
+    def tiled_decode_bytes(self, tile: int, overlap: int, temporal: int, frames: int) -> int:
+        """ComfyUI's VAEDecodeTiled decodes one (tile+overlap)^2 x temporal block at a time."""
+        side = tile + overlap
+        return int(side * side * min(temporal, frames) * self.spec.vae_bytes_per_pixel_frame
+                   * self.calibration.vae_scale)
+
+    def swap_blocks_needed(self, over_bytes: int) -> int:
+        """Blocks to keep in host RAM so that `over_bytes` fewer weight bytes are resident;
+        one more block is resident as the prefetch buffer."""
+        if over_bytes <= 0:
+            return 0
+        return min(self.spec.blocks, math.ceil(over_bytes / self.spec.block_bytes) + 1)

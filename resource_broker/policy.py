@@ -1,0 +1,185 @@
+"""The broker's decisions for one shot, made from the cost model and a VRAM budget.
+
+Pure: numbers in, decisions out. Every decision carries the numbers behind it, so the
+dry run (`story-to-video broker plan`), the logs and the run report all explain the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .cost_model import GIB, CostModel, ShotCost
+
+# ComfyUI VAEDecodeTiled settings, largest first: (tile, overlap, temporal, temporal overlap)
+TILE_CHOICES = [(512, 64, 64, 8), (384, 48, 64, 8), (256, 32, 64, 8), (256, 32, 32, 4),
+                (192, 32, 32, 4), (128, 16, 16, 4)]
+
+
+class BudgetTooSmall(ValueError):
+    """No plan fits the budget; the message gives the numbers."""
+
+
+def gib(n: float) -> float:
+    return round(n / GIB, 2)
+
+
+@dataclass(frozen=True)
+class Decision:
+    stage: str  # "llm", "encode", "experts", "decode"
+    action: str
+    predicted_gib: float  # what the stage needs on the GPU, by the cost model
+    available_gib: float  # what the budget leaves for it
+    reason: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BrokerPlan:
+    model: str
+    frames: int
+    width: int
+    height: int
+    budget_gib: float
+    margin_gib: float
+    llm_gib: float
+    cost: dict[str, float]
+    decisions: list[Decision]
+    stage_peaks_gib: dict[str, float]
+
+    @property
+    def peak_gib(self) -> float:
+        return max(self.stage_peaks_gib.values())
+
+    def decision(self, stage: str) -> Decision:
+        return next(d for d in self.decisions if d.stage == stage)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["peak_gib"] = self.peak_gib
+        return d
+
+
+def plan_shot(model: CostModel, frames: int, width: int, height: int, *, budget_gib: float,
+              margin_gib: float = 1.0, llm_gib: float = 0.0,
+              llm_controllable: bool = True) -> BrokerPlan:
+    """Decide expert residency, block swap, decode mode and LLM placement for one shot."""
+    c = model.shot(frames, width, height)
+    budget, margin = int(budget_gib * GIB), int(margin_gib * GIB)
+    llm = int(llm_gib * GIB)
+    # An uncontrollable LLM keeps its VRAM: count it as taken for every stage.
+    usable = budget - (0 if llm_controllable else llm)
+    decisions: list[Decision] = []
+    peaks: dict[str, int] = {}
+
+    experts, expert_peak = _experts(model, c, usable, margin, decisions)
+    peaks["high"] = expert_peak
+    peaks["low"] = expert_peak
+    peaks["encode"] = _encode(c, usable, margin, decisions)
+    peaks["decode"] = _decode(model, c, usable, margin, experts, decisions)
+    video_peak = max(peaks.values())
+    decisions.insert(0, _llm(llm, video_peak, budget, margin, llm_controllable))
+    if not llm_controllable:
+        peaks = {k: v + llm for k, v in peaks.items()}
+    return BrokerPlan(model.spec.name, frames, width, height, budget_gib, margin_gib,
+                      llm_gib, c.gib(), decisions, {k: gib(v) for k, v in peaks.items()})
+
+
+def _experts(model: CostModel, c: ShotCost, usable: int, margin: int,
+             out: list[Decision]) -> tuple[int, int]:
+    """Returns (expert bytes left resident after sampling, peak of the sampling stages)."""
+    both = model.spec.experts * c.expert + c.activations + c.context
+    one = c.expert + c.activations + c.context
+    if model.spec.experts == 2 and both + margin <= usable:
+        out.append(Decision("experts", "keep-both-experts", gib(both), gib(usable),
+                            f"both experts ({gib(2 * c.expert)} GiB) + activations "
+                            f"({gib(c.activations)} GiB) + context fit with "
+                            f"{gib(usable - both)} GiB spare: no reload between passes"))
+        return 2 * c.expert, both
+    if one + margin <= usable:
+        action = "unload-high-before-low" if model.spec.experts == 2 else "keep-model"
+        why = (f"both experts would need {gib(both)} GiB > {gib(usable - margin)} GiB: "
+               f"unload the high-noise expert before the low-noise pass"
+               if model.spec.experts == 2 else "model + activations fit")
+        out.append(Decision("experts", action, gib(one), gib(usable), why))
+        return c.expert, one
+    over = one + margin - usable
+    n = model.swap_blocks_needed(over)
+    resident = c.expert - (n - 1) * model.spec.block_bytes
+    floor = c.activations + c.context + 2 * model.spec.block_bytes + margin
+    if n >= model.spec.blocks or floor > usable:
+        raise BudgetTooSmall(
+            f"{c.frames} frames at {c.width}x{c.height} on {c.model} cannot fit "
+            f"{gib(usable)} GiB: activations {gib(c.activations)} GiB + CUDA context "
+            f"{gib(c.context)} GiB + two swap blocks {gib(2 * model.spec.block_bytes)} GiB + "
+            f"margin {gib(margin)} GiB = {gib(floor)} GiB at the very least")
+    peak = resident + c.activations + c.context
+    out.append(Decision("experts", "block-swap", gib(peak), gib(usable),
+                        f"one expert + activations need {gib(one)} GiB, {gib(over)} GiB over:"
+                        f" keep {n - 1} of {model.spec.blocks} blocks "
+                        f"({gib(model.spec.block_bytes)} GiB each) in host RAM, 1 prefetch",
+                        {"blocks_to_swap": n - 1, "unload_high_before_low":
+                            model.spec.experts == 2}))
+    return resident, peak
+
+
+def _encode(c: ShotCost, usable: int, margin: int, out: list[Decision]) -> int:
+    need = c.text_encoder + c.context
+    if need + margin <= usable:
+        out.append(Decision("encode", "text-encoder-on-gpu", gib(need), gib(usable),
+                            "text encoder fits; it is unloaded before sampling"))
+        return need
+    out.append(Decision("encode", "text-encoder-on-cpu", gib(c.context), gib(usable),
+                        f"text encoder ({gib(c.text_encoder)} GiB) does not fit beside the "
+                        "margin: encode on the CPU (CLIPLoader device=cpu)"))
+    return c.context
+
+
+def _decode(model: CostModel, c: ShotCost, usable: int, margin: int, resident: int,
+            out: list[Decision]) -> int:
+    full = c.vae_weights + c.decode_full + c.context
+    if resident + full + margin <= usable:
+        out.append(Decision("decode", "decode-full", gib(resident + full), gib(usable),
+                            f"full decode ({gib(c.decode_full)} GiB) fits beside the resident"
+                            f" experts ({gib(resident)} GiB)"))
+        return resident + full
+    if full + margin <= usable:
+        out.append(Decision("decode", "unload-then-decode-full", gib(full), gib(usable),
+                            f"resident experts ({gib(resident)} GiB) + full decode "
+                            f"({gib(full)} GiB) exceed the budget: unload models first",
+                            {"unload_models": True}))
+        return full
+    for tile, overlap, temporal, t_overlap in TILE_CHOICES:
+        need = c.vae_weights + c.context + model.tiled_decode_bytes(tile, overlap, temporal,
+                                                                      c.frames)
+        if need + margin <= usable:
+            out.append(Decision("decode", "unload-then-decode-tiled", gib(need), gib(usable),
+                                f"full decode needs {gib(full)} GiB > {gib(usable - margin)}"
+                                f" GiB: tiled {tile}px/{temporal} frames needs {gib(need)}",
+                                {"unload_models": True, "tile_size": tile, "overlap": overlap,
+                                 "temporal_size": temporal, "temporal_overlap": t_overlap}))
+            return need
+    raise BudgetTooSmall(f"even the smallest tiled decode needs more than {gib(usable)} GiB")
+
+
+def _llm(llm: int, video_peak: int, budget: int, margin: int, controllable: bool) -> Decision:
+    spare = budget - video_peak - margin
+    if llm == 0:
+        return Decision("llm", "none", 0.0, gib(spare), "no LLM on this GPU")
+    if not controllable:
+        return Decision("llm", "uncontrolled", gib(llm), gib(spare),
+                        "this LLM backend cannot be moved; its VRAM is counted as taken")
+    if llm <= spare:
+        return Decision("llm", "keep-on-gpu", gib(llm), gib(spare),
+                        f"LLM ({gib(llm)} GiB) fits beside the video peak")
+    if spare >= llm // 4:
+        share = round(spare / llm, 2)
+        return Decision("llm", "partial-offload", gib(llm), gib(spare),
+                        f"only {gib(spare)} GiB spare: keep {int(share * 100)}% of the LLM's "
+                        "layers on the GPU", {"gpu_fraction": share})
+    return Decision("llm", "unload", gib(llm), gib(spare),
+                    f"LLM ({gib(llm)} GiB) does not fit beside the video peak "
+                    f"({gib(video_peak)} GiB) in {gib(budget)} GiB: unload it for video work")
