@@ -75,20 +75,48 @@ def expert_bytes_from_file(size_bytes: int, dtype: str) -> int:
 
 @dataclass
 class Calibration:
-    """Per-machine refinements from measured peaks (ratio measured/predicted, smoothed)."""
+    """Per-machine refinements from measured peaks: scale and fixed overhead of the
+    activation and decode figures. Measured peaks include what the allocator keeps
+    (fragmentation, kernel workspaces), which the anchors' figures do not."""
 
     act_scale: float = 1.0
+    act_base: int = 0
     vae_scale: float = 1.0
+    vae_base: int = 0
     samples: int = 0
 
+    def fit(self, kind: str, points: list[tuple[float, int]], per_unit: float) -> None:
+        """Least-squares line through (units, measured bytes): slope becomes a scale of the
+        anchor's per-unit figure, the intercept a fixed overhead (never negative)."""
+        if not points:
+            return
+        if len(points) == 1:
+            (x, y), = points
+            slope, base = y / x, 0.0
+        else:
+            n = len(points)
+            mx = sum(p[0] for p in points) / n
+            my = sum(p[1] for p in points) / n
+            var = sum((p[0] - mx) ** 2 for p in points)
+            slope = sum((p[0] - mx) * (p[1] - my) for p in points) / var if var else my / mx
+            base = my - slope * mx
+            if base < 0:
+                slope, base = my / mx, 0.0
+        if kind == "act":
+            self.act_scale, self.act_base = slope / per_unit, int(base)
+        else:
+            self.vae_scale, self.vae_base = slope / per_unit, int(base)
+        self.samples += len(points)
+
     def refine(self, kind: str, predicted: int, measured: int, weight: float = 0.3) -> None:
+        """Nudge a scale toward one more measured peak (used after every real shot)."""
         if predicted <= 0 or measured <= 0:
             return
         ratio = measured / predicted
         if kind == "act":
-            self.act_scale = (1 - weight) * self.act_scale + weight * ratio
+            self.act_scale *= (1 - weight) + weight * ratio
         elif kind == "vae":
-            self.vae_scale = (1 - weight) * self.vae_scale + weight * ratio
+            self.vae_scale *= (1 - weight) + weight * ratio
         self.samples += 1
 
     def save(self, path: Path) -> None:
@@ -143,9 +171,11 @@ class CostModel:
         return ShotCost(
             model=s.name, frames=frames, width=width, height=height, tokens=n,
             expert=s.expert_bytes,
-            activations=int(n * s.act_bytes_per_token * self.calibration.act_scale),
+            activations=int(self.calibration.act_base
+                            + n * s.act_bytes_per_token * self.calibration.act_scale),
             vae_weights=s.vae_weight_bytes,
-            decode_full=int(pf * s.vae_bytes_per_pixel_frame * self.calibration.vae_scale),
+            decode_full=int(self.calibration.vae_base
+                            + pf * s.vae_bytes_per_pixel_frame * self.calibration.vae_scale),
             decode_tiled=int(s.vae_tiled_base_bytes + pf * s.vae_tiled_bytes_per_pixel_frame),
             text_encoder=s.text_encoder_bytes, context=self.context_bytes,
         )

@@ -140,17 +140,26 @@ def _encode(c: ShotCost, usable: int, margin: int, out: list[Decision]) -> int:
 
 def _decode(model: CostModel, c: ShotCost, usable: int, margin: int, resident: int,
             out: list[Decision]) -> int:
+    """Full decode with as many experts kept as fit (each kept expert is a reload saved for
+    the next shot); tiled only when a full decode cannot fit at all."""
     full = c.vae_weights + c.decode_full + c.context
     if resident + full + margin <= usable:
         out.append(Decision("decode", "decode-full", gib(resident + full), gib(usable),
                             f"full decode ({gib(c.decode_full)} GiB) fits beside the resident"
                             f" experts ({gib(resident)} GiB)"))
         return resident + full
+    if resident > c.expert and c.expert + full + margin <= usable:
+        out.append(Decision("decode", "unload-high-then-decode-full", gib(c.expert + full),
+                            gib(usable),
+                            f"both experts + full decode need {gib(resident + full)} GiB: "
+                            "unload the high-noise expert (done), keep the low-noise one",
+                            {"unload": "high"}))
+        return c.expert + full
     if full + margin <= usable:
         out.append(Decision("decode", "unload-then-decode-full", gib(full), gib(usable),
                             f"resident experts ({gib(resident)} GiB) + full decode "
                             f"({gib(full)} GiB) exceed the budget: unload models first",
-                            {"unload_models": True}))
+                            {"unload": "all", "unload_models": True}))
         return full
     for tile, overlap, temporal, t_overlap in TILE_CHOICES:
         need = c.vae_weights + c.context + model.tiled_decode_bytes(tile, overlap, temporal,
@@ -159,8 +168,9 @@ def _decode(model: CostModel, c: ShotCost, usable: int, margin: int, resident: i
             out.append(Decision("decode", "unload-then-decode-tiled", gib(need), gib(usable),
                                 f"full decode needs {gib(full)} GiB > {gib(usable - margin)}"
                                 f" GiB: tiled {tile}px/{temporal} frames needs {gib(need)}",
-                                {"unload_models": True, "tile_size": tile, "overlap": overlap,
-                                 "temporal_size": temporal, "temporal_overlap": t_overlap}))
+                                {"unload": "all", "unload_models": True, "tile_size": tile,
+                                 "overlap": overlap, "temporal_size": temporal,
+                                 "temporal_overlap": t_overlap}))
             return need
     raise BudgetTooSmall(f"even the smallest tiled decode needs more than {gib(usable)} GiB")
 
