@@ -206,6 +206,12 @@ class FakeComfyUI:
         for nid, node in prompt.items():
             spec = OBJECT_INFO[node["class_type"]]["input"]
             errors = []
+            if node["class_type"] == "LoadLatent" and \
+                    node["inputs"].get("latent") not in self._input_files():
+                errors.append({"type": "value_not_in_list", "message": "Value not in list",
+                               "details": f"latent: '{node['inputs'].get('latent')}' not in "
+                                          f"{self._input_files()}",
+                               "extra_info": {"input_name": "latent"}})
             for name, info in spec.get("required", {}).items():
                 val = node["inputs"].get(name)
                 if val is None:
@@ -353,6 +359,15 @@ class FakeComfyUI:
                     await emit("progress", {"value": step, "max": steps, "prompt_id": pid,
                                             "node": nid})
                     await self._send_preview(sid)
+            if cls == "SaveLatent":
+                prefix = str(prompt[nid]["inputs"].get("filename_prefix", "latents/ComfyUI"))
+                sub, _, stem = prefix.rpartition("/")
+                name = f"{stem}_{len(self.files) + 1:05d}_.latent"
+                self.files[f"output/{sub}/{name}"] = b"LATENT" + nid.encode()
+                outputs[nid] = {"latents": [{"filename": name, "subfolder": sub,
+                                             "type": "output"}]}
+                await emit("executed", {"node": nid, "display_node": nid,
+                                        "output": outputs[nid], "prompt_id": pid})
             if cls == "SaveVideo":
                 item = self._save_video(prompt, nid)
                 outputs[nid] = {"images": [item], "animated": [True]}

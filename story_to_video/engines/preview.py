@@ -150,5 +150,8 @@ class PreviewEngine:
             preview=True,
         )
 
+    def after_shot(self, shot: Shot) -> None:
+        return None
+
     def close(self) -> None:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...atomic import atomic_path
 from ...config import Settings
@@ -13,8 +13,14 @@ from ...models import Shot
 from ..base import ClipResult, EngineStatus, Progress, ProgressCallback
 from .client import ComfyUIClient, Execution
 from .errors import ComfyUIDied, ComfyUIError, StallError, WorkflowError
+from .graph import Stage, split_stages, use_tiled_decode
 from .process import AttachedComfyUI, ComfyUIProcess, ComfyUIServer
 from .workflow import BoundWorkflow
+
+if TYPE_CHECKING:
+    from resource_broker.broker import Broker
+    from resource_broker.policy import BrokerPlan
+    from resource_broker.timeline import Timeline
 
 log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".gif", ".webp")
@@ -46,6 +52,8 @@ class ComfyUIEngine:
         self.force_fresh = force_fresh
         self._started = False
         self.extra_inputs: dict[str, Any] = {}
+        self.broker: Broker | None = None
+        self.timeline: Timeline | None = None
 
     @staticmethod
     def from_settings(settings: Settings, log_dir: Path | None = None) -> ComfyUIEngine:
@@ -95,6 +103,7 @@ class ComfyUIEngine:
     def render(self, shot: Shot, out_path: Path,
                progress: ProgressCallback | None = None) -> ClipResult:
         self._ensure_started()
+        t_start = self._now()
         prompt = self.bound.bind(shot, **self.extra_inputs)
         if shot.start_image and "start_image" in self.bound.binding.inputs:
             name = self.client.upload_image(Path(shot.start_image))
@@ -102,22 +111,142 @@ class ComfyUIEngine:
                 prompt[node]["inputs"][inp] = name
         if self.force_fresh:
             self.client.free(unload_models=False, free_memory=True)  # resets ComfyUI's cache
-        ex = self._run_with_restarts(shot, prompt, progress)
+        plan = self.broker.plan(shot.frames, shot.width, shot.height, shot.id) \
+            if self.broker else None
+        stage_seconds: dict[str, float] = {}
+        if plan is not None and self._staged(plan):
+            ex = self._render_staged(shot, prompt, plan, progress, stage_seconds)
+        else:
+            if plan is not None:
+                prompt = self._apply_planned_decode(prompt, plan, shot.id)
+            ex = self._run_with_restarts(shot, prompt, progress)
+            stage_seconds["all"] = round(ex.seconds, 2)
         cached = self._was_cached(ex)
         item = output_file(ex.outputs, self.bound.binding.nodes.output)
+        self._download(item, out_path)
+        if cached:
+            log.warning("%s: ComfyUI answered from its cache (%.2fs, no sampling); reported "
+                        "as cached, not as a generation", shot.id, ex.seconds)
+        details: dict[str, Any] = {"prompt_id": ex.prompt_id, "reconnects": ex.reconnects,
+                                   "node_seconds": ex.node_seconds,
+                                   "cached_nodes": sorted(ex.cached_nodes),
+                                   "stage_seconds": stage_seconds}
+        if plan is not None and self.broker is not None:
+            details["vram"] = self._vram_record(plan, shot.id, t_start)
+        return ClipResult(path=out_path, frames=shot.frames, fps=shot.fps, width=shot.width,
+                          height=shot.height, seconds=self._now() - t_start,
+                          engine=self.name, preview=False, cached=cached, details=details)
+
+    @staticmethod
+    def _now() -> float:
+        return time.monotonic()
+
+    def _download(self, item: dict[str, Any], out_path: Path) -> None:
         with atomic_path(out_path) as tmp, open(tmp, "wb") as fh:
             for chunk in self.client.view(item["filename"], item.get("subfolder", ""),
                                           item.get("type", "output")):
                 fh.write(chunk)
-        if cached:
-            log.warning("%s: ComfyUI answered from its cache (%.2fs, no sampling); reported "
-                        "as cached, not as a generation", shot.id, ex.seconds)
-        return ClipResult(path=out_path, frames=shot.frames, fps=shot.fps, width=shot.width,
-                          height=shot.height, seconds=ex.seconds, engine=self.name,
-                          preview=False, cached=cached,
-                          details={"prompt_id": ex.prompt_id, "reconnects": ex.reconnects,
-                                   "node_seconds": ex.node_seconds,
-                                   "cached_nodes": sorted(ex.cached_nodes)})
+
+    def _staged(self, plan: BrokerPlan) -> bool:
+        action = plan.decision("experts").action
+        return self.bound.binding.two_expert and action in ("unload-high-before-low",
+                                                            "block-swap")
+
+    def _apply_planned_decode(self, prompt: dict[str, Any], plan: BrokerPlan,
+                              shot_id: str) -> dict[str, Any]:
+        d = plan.decision("decode")
+        assert self.broker is not None
+        from resource_broker.broker import BrokerEvent
+
+        self.broker.record(BrokerEvent("decode", d.action, d.predicted_gib,
+                                       self.broker.free_gib(), d.reason,
+                                       "applied to the single-prompt graph", shot_id, d.params))
+        if "tiled" in d.action:
+            return use_tiled_decode(prompt, self.bound.binding.nodes.decode,
+                                    **{k: int(d.params[k]) for k in ("tile_size", "overlap",
+                                       "temporal_size", "temporal_overlap")})
+        return prompt
+
+    def _render_staged(self, shot: Shot, prompt: dict[str, Any], plan: BrokerPlan,
+                       progress: ProgressCallback | None,
+                       stage_seconds: dict[str, float]) -> Execution:
+        """Pass 1 -> latent, unload the high-noise expert, pass 2 -> latent, check decode
+        headroom, decode. Latents travel as files: /view from output, /upload to input."""
+        assert self.broker is not None
+        nodes = self.bound.binding.nodes
+        assert nodes.high_sampler and nodes.low_sampler
+        stages = split_stages(prompt, high_sampler=nodes.high_sampler,
+                              low_sampler=nodes.low_sampler, decode=nodes.decode,
+                              output=nodes.output, prefix=f"story-to-video/{shot.id}")
+        latent: str | None = None
+        ex: Execution | None = None
+        for stage in stages:
+            wf = dict(stage.workflow)
+            if stage.name == "low":
+                self.client.free(unload_models=True)  # the high-noise expert goes
+                self._mark(f"{shot.id} unload high")
+            if stage.name == "decode":
+                choice = self.broker.decode_headroom(
+                    plan, shot.id, lambda: self.client.free(unload_models=True))
+                if choice.tiled:
+                    wf = use_tiled_decode(wf, nodes.decode, **choice.params)
+            if stage.latent_in is not None and latent is not None:
+                wf[stage.latent_in] = {**wf[stage.latent_in],
+                                       "inputs": {"latent": latent}}
+            self._mark(f"{shot.id} {stage.name}")
+            ex = self._run_with_restarts(shot, wf, progress)
+            stage_seconds[stage.name] = round(ex.seconds, 2)
+            if stage.latent_out is not None:
+                latent = self._hand_over_latent(ex, stage, shot.id)
+        assert ex is not None
+        return ex
+
+    def _hand_over_latent(self, ex: Execution, stage: Stage, shot_id: str) -> str:
+        out = ex.outputs.get(stage.latent_out or "") or {}
+        items = out.get("latents") or []
+        if not items:
+            raise ComfyUIError(f"{shot_id}: stage {stage.name} saved no latent ({out})")
+        item = items[0]
+        data = b"".join(self.client.view(item["filename"], item.get("subfolder", ""),
+                                         item.get("type", "output")))
+        name = f"stv_{shot_id}_{stage.name}_{ex.prompt_id[:8]}.latent"
+        tmp = Path(self._tmpdir()) / name
+        tmp.write_bytes(data)
+        try:
+            return self.client.upload_image(tmp, subfolder="")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _tmpdir() -> str:
+        import tempfile
+
+        return tempfile.gettempdir()
+
+    def _mark(self, label: str) -> None:
+        if self.timeline is not None:
+            self.timeline.mark(label)
+
+    def _vram_record(self, plan: BrokerPlan, shot_id: str, t_start: float) -> dict[str, Any]:
+        assert self.broker is not None
+        rec: dict[str, Any] = {"predicted_peak_gib": plan.peak_gib,
+                               "plan": plan.to_json(),
+                               "actions": [e.to_json() for e in self.broker.events
+                                           if e.shot_id == shot_id]}
+        if self.timeline is not None and self.timeline.samples:
+            start = t_start - self.timeline.t0
+            rec["measured_peak_gib"] = round(self.timeline.peak_used_gib(start), 2)
+            rec["min_free_gib"] = round(self.timeline.min_free_gib(start), 2)
+        return rec
+
+    def after_shot(self, shot: Shot) -> None:
+        """Between shots: the broker may restart ComfyUI (every N scenes, memory creep)."""
+        if self.broker is None:
+            return
+        restart = self.server.restart if self.server.supervised else None
+        self.broker.between_shots(shot.scene_index, shot.id,
+                                  lambda: self.client.free(unload_models=True,
+                                                           free_memory=True), restart)
 
     def _was_cached(self, ex: Execution) -> bool:
         out = self.bound.binding.nodes.output

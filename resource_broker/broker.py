@@ -1,0 +1,211 @@
+"""The broker at run time: reads VRAM, plans each shot, acts, and logs every decision with
+the numbers behind it (stage, predicted need, free VRAM, action, outcome)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .cost_model import GIB, CostModel
+from .gpu import GpuMonitor, GpuUnavailable
+from .llm_control import LLMControl
+from .policy import TILE_CHOICES, BrokerPlan, BudgetTooSmall, plan_shot
+
+log = logging.getLogger(__name__)
+DEFAULT_NO_GPU_BUDGET_GIB = 24.0
+
+
+@dataclass
+class BrokerEvent:
+    stage: str
+    action: str
+    predicted_gib: float
+    free_gib: float | None
+    reason: str
+    outcome: str
+    shot_id: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DecodeChoice:
+    tiled: bool
+    unload_models: bool
+    params: dict[str, int]
+
+
+class Broker:
+    def __init__(self, monitor: GpuMonitor, cost: CostModel, *, budget_gib: float | None,
+                 margin_gib: float = 1.0, restart_every_n_scenes: int = 0,
+                 leak_threshold_gib: float = 1.5, llm: LLMControl | None = None) -> None:
+        self.monitor, self.cost = monitor, cost
+        self.margin_gib = margin_gib
+        self.restart_every = restart_every_n_scenes
+        self.leak_threshold_gib = leak_threshold_gib
+        self.llm = llm
+        self.events: list[BrokerEvent] = []
+        self.baseline_free_gib: float | None = None
+        self._scenes_done: set[int] = set()
+        self.budget_gib = self._budget(budget_gib)
+
+    @property
+    def acts(self) -> bool:
+        """False in no-GPU mode: decisions are still made and logged, not carried out."""
+        return self.monitor.available
+
+    def _budget(self, configured: float | None) -> float:
+        if not self.monitor.available:
+            return configured or DEFAULT_NO_GPU_BUDGET_GIB
+        total = self.monitor.read().total_gib
+        if configured is not None and configured > total:
+            log.warning("budget %.1f GiB is more than the card's %.1f GiB; using the card's",
+                        configured, total)
+        return min(configured or total, total)
+
+    def free_gib(self) -> float | None:
+        if not self.monitor.available:
+            return None
+        try:
+            return self.monitor.read().free_gib
+        except GpuUnavailable as err:
+            log.warning("cannot read VRAM (%s): deciding from the plan alone", err)
+            return None
+
+    def record(self, event: BrokerEvent) -> BrokerEvent:
+        self.events.append(event)
+        free = "n/a" if event.free_gib is None else f"{event.free_gib:.2f} GiB"
+        log.info("broker %s%s: %s (need %.2f GiB, free %s) -> %s: %s",
+                 event.stage, f" [{event.shot_id}]" if event.shot_id else "", event.action,
+                 event.predicted_gib, free, event.outcome, event.reason)
+        return event
+
+    # -- planning --------------------------------------------------------------------------
+    def plan(self, frames: int, width: int, height: int, shot_id: str = "") -> BrokerPlan:
+        llm_gib = self.llm.gpu_gib() if self.llm else 0.0
+        controllable = self.llm.controllable if self.llm else True
+        try:
+            p = plan_shot(self.cost, frames, width, height, budget_gib=self.budget_gib,
+                          margin_gib=self.margin_gib, llm_gib=llm_gib,
+                          llm_controllable=controllable)
+        except BudgetTooSmall as err:
+            self.record(BrokerEvent("plan", "refuse", 0.0, self.free_gib(), str(err),
+                                    "stopped before any GPU work", shot_id))
+            raise
+        for d in p.decisions:
+            if d.stage in ("experts", "encode"):
+                self.record(BrokerEvent(d.stage, d.action, d.predicted_gib, None, d.reason,
+                                        "planned", shot_id, d.params))
+        return p
+
+    # -- LLM placement ---------------------------------------------------------------------
+    def place_llm_for_video(self, p: BrokerPlan) -> BrokerEvent:
+        d = p.decision("llm")
+        if self.llm is None or d.action in ("none", "keep-on-gpu"):
+            outcome = "kept" if d.action == "keep-on-gpu" else "no LLM on the GPU"
+        elif not self.acts:
+            outcome = "no GPU: not carried out"
+        elif d.action == "unload":
+            outcome = self.llm.release(0.0)
+        elif d.action == "partial-offload":
+            outcome = self.llm.release(float(d.params["gpu_fraction"]))
+        else:
+            outcome = self.llm.release(0.0)  # uncontrolled: says why nothing moved
+        return self.record(BrokerEvent("llm", d.action, d.predicted_gib, self.free_gib(),
+                                       d.reason, outcome, params=d.params))
+
+    def restore_llm(self) -> BrokerEvent | None:
+        if self.llm is None or not self.acts:
+            return None
+        return self.record(BrokerEvent("llm", "restore", self.llm.gpu_gib(), self.free_gib(),
+                                       "video work done: the LLM gets its GPU share back",
+                                       self.llm.restore()))
+
+    # -- decode headroom -------------------------------------------------------------------
+    def decode_headroom(self, p: BrokerPlan, shot_id: str,
+                        free_models: Callable[[], None]) -> DecodeChoice:
+        """Before a VAE decode: full when it fits now, else free, else tiled; never a decode
+        that the driver would have to spill."""
+        planned = p.decision("decode")
+        c = self.cost.shot(p.frames, p.width, p.height)
+        need_full = (c.vae_weights + c.decode_full) / GIB + self.margin_gib
+        free = self.free_gib()
+        if free is None:  # no GPU or no reading: follow the plan
+            tiled = "tiled" in planned.action
+            self.record(BrokerEvent("decode", planned.action, planned.predicted_gib, None,
+                                    planned.reason, "planned only (no VRAM reading)",
+                                    shot_id, planned.params))
+            return DecodeChoice(tiled, bool(planned.params.get("unload_models")),
+                                {k: v for k, v in planned.params.items()
+                                 if isinstance(v, int) and not isinstance(v, bool)})
+        if free >= need_full:
+            self.record(BrokerEvent("decode", "decode-full", need_full, free,
+                                    f"{free:.2f} GiB free >= {need_full:.2f} GiB needed",
+                                    "full decode", shot_id))
+            return DecodeChoice(False, False, {})
+        free_models()
+        after = self.free_gib() or 0.0
+        if after >= need_full:
+            self.record(BrokerEvent("decode", "unload-then-decode-full", need_full, after,
+                                    f"only {free:.2f} GiB free; after unloading models "
+                                    f"{after:.2f} GiB", "full decode", shot_id))
+            return DecodeChoice(False, True, {})
+        for tile, overlap, temporal, t_overlap in TILE_CHOICES:
+            need = (c.vae_weights + self.cost.tiled_decode_bytes(tile, overlap, temporal,
+                                                                 p.frames)) / GIB
+            if after >= need + self.margin_gib:
+                params = {"tile_size": tile, "overlap": overlap, "temporal_size": temporal,
+                          "temporal_overlap": t_overlap}
+                self.record(BrokerEvent("decode", "decode-tiled", need, after,
+                                        f"full decode needs {need_full:.2f} GiB but only "
+                                        f"{after:.2f} GiB free after unloading",
+                                        f"tiled {tile}px x {temporal} frames", shot_id,
+                                        params))
+                return DecodeChoice(True, True, params)
+        reason = f"only {after:.2f} GiB free even after unloading: any decode would spill"
+        self.record(BrokerEvent("decode", "refuse", need_full, after, reason,
+                                "shot stopped", shot_id))
+        raise BudgetTooSmall(reason)
+
+    # -- ComfyUI health between shots --------------------------------------------------------
+    def between_shots(self, scene_index: int, shot_id: str, free_memory: Callable[[], None],
+                      restart: Callable[[str], None] | None) -> str | None:
+        """After a shot: free ComfyUI's memory, then restart it every N scenes or when free
+        VRAM after /free crept below the baseline. Returns the restart reason, if any."""
+        if not self.acts:
+            return None
+        free_memory()
+        free = self.free_gib()
+        if free is None:
+            return None
+        if self.baseline_free_gib is None:
+            self.baseline_free_gib = free
+        reason = None
+        new_scene = scene_index not in self._scenes_done
+        self._scenes_done.add(scene_index)
+        if (self.restart_every and new_scene and len(self._scenes_done) > 1
+                and (len(self._scenes_done) - 1) % self.restart_every == 0):
+            reason = f"scheduled: every {self.restart_every} scene(s)"
+        elif self.baseline_free_gib - free > self.leak_threshold_gib:
+            reason = (f"memory creep: {free:.2f} GiB free after /free vs baseline "
+                      f"{self.baseline_free_gib:.2f} GiB (> {self.leak_threshold_gib} GiB)")
+        if reason is None:
+            return None
+        if restart is None:
+            self.record(BrokerEvent("restart", "restart-unavailable", 0.0, free, reason,
+                                    "attached ComfyUI: restart it yourself", shot_id))
+            return reason
+        restart(reason)
+        after = self.free_gib()
+        self.record(BrokerEvent("restart", "restart-comfyui", 0.0, free, reason,
+                                f"restarted; {after if after is not None else 0:.2f} GiB free",
+                                shot_id))
+        if after is not None:
+            self.baseline_free_gib = after
+        return reason

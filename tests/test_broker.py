@@ -1,0 +1,248 @@
+"""The broker's numbers and actions, with a scripted GPU monitor (never a real GPU)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import workflows
+from resource_broker.broker import Broker
+from resource_broker.cost_model import GIB, Calibration, CostModel, latent_frames, tokens
+from resource_broker.gpu import GpuReading, GpuUnavailable, NoGpuMonitor, open_monitor
+from resource_broker.llm_control import NoLLM, UncontrolledLLM
+from resource_broker.policy import BudgetTooSmall, plan_shot
+from resource_broker.timeline import VramSampler
+from story_to_video.engines.comfyui import (
+    AttachedComfyUI,
+    BoundWorkflow,
+    ComfyUIClient,
+    ComfyUIEngine,
+)
+from story_to_video.models import Shot
+from tests.fake_comfyui import FakeComfyUI
+
+M14 = CostModel.for_model("wan2.2-14b")
+
+
+class ScriptedMonitor:
+    """Free VRAM follows a script; `fail_after` reads make it raise like a dying NVML."""
+
+    def __init__(self, total_gib: float, free: list[float], fail_after: int | None = None
+                 ) -> None:
+        self.total, self.free, self.reads, self.fail_after = total_gib, list(free), 0, \
+            fail_after
+
+    @property
+    def available(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "scripted"
+
+    def read(self) -> GpuReading:
+        self.reads += 1
+        if self.fail_after is not None and self.reads > self.fail_after:
+            raise GpuUnavailable("NVML: GPU is lost")
+        free = self.free.pop(0) if len(self.free) > 1 else self.free[0]
+        t = int(self.total * GIB)
+        return GpuReading(0, "scripted", t, t - int(free * GIB), int(free * GIB), ())
+
+
+def test_tokens_follow_wan_geometry() -> None:
+    assert latent_frames(81) == 21
+    assert tokens(M14.spec, 81, 832, 480) == 21 * 30 * 52 == 32760  # anchor: 32,760
+    assert tokens(CostModel.for_model("wan2.2-5b").spec, 121, 1280, 704) == 31 * 22 * 40
+
+
+def test_cost_model_matches_the_anchors() -> None:
+    c = M14.shot(81, 832, 480)
+    assert c.activations / GIB == pytest.approx(3.47, rel=0.02)
+    assert c.decode_full / GIB == pytest.approx(4.38, rel=0.02)
+    assert M14.shot(161, 832, 480).activations / GIB == pytest.approx(6.78, rel=0.02)
+    assert M14.shot(81, 1280, 720).activations / GIB == pytest.approx(8.01, rel=0.02)
+
+
+@pytest.mark.parametrize(("frames", "action"), [
+    (33, "keep-both-experts"), (81, "unload-high-before-low"),
+    (161, "unload-high-before-low")])
+def test_expert_policy_at_32_gib(frames: int, action: str) -> None:
+    p = plan_shot(M14, frames, 832, 480, budget_gib=32)
+    assert p.decision("experts").action == action
+    assert p.peak_gib <= 32 - 1.0  # never plans past budget minus margin
+
+
+def test_block_swap_count_comes_from_the_model() -> None:
+    p = plan_shot(M14, 81, 832, 480, budget_gib=16)
+    d = p.decision("experts")
+    assert d.action == "block-swap"
+    over = (13.57 + 3.46 + 0.55 + 1.0) - 16
+    assert d.params["blocks_to_swap"] == -(-int(over * GIB) // M14.spec.block_bytes)
+    assert p.decision("decode").action == "unload-then-decode-full"
+    bf16 = plan_shot(CostModel.for_model("wan2.2-14b-bf16"), 81, 832, 480, budget_gib=24)
+    assert bf16.decision("experts").params["blocks_to_swap"] > d.params["blocks_to_swap"]
+
+
+def test_tiny_budget_is_refused_with_numbers() -> None:
+    with pytest.raises(BudgetTooSmall) as exc:
+        plan_shot(M14, 81, 832, 480, budget_gib=4)
+    assert str(exc.value) == (
+        "81 frames at 832x480 on wan2.2-14b cannot fit 4.0 GiB: activations 3.46 GiB + "
+        "CUDA context 0.55 GiB + two swap blocks 0.68 GiB + margin 1.0 GiB = 5.68 GiB at "
+        "the very least")
+
+
+def test_decode_goes_tiled_when_even_unloading_is_not_enough() -> None:
+    p = plan_shot(M14, 161, 1280, 720, budget_gib=19)
+    d = p.decision("decode")
+    assert d.action == "unload-then-decode-tiled"
+    assert d.predicted_gib + 1.0 <= 19
+    assert d.params["tile_size"] in (512, 384, 256, 192, 128)
+
+
+def test_llm_placement() -> None:
+    assert plan_shot(M14, 81, 832, 480, budget_gib=32, llm_gib=5).decision("llm").action \
+        == "keep-on-gpu"
+    assert plan_shot(M14, 33, 832, 480, budget_gib=32, llm_gib=5).decision("llm").action \
+        == "unload"
+    part = plan_shot(M14, 81, 832, 480, budget_gib=32, llm_gib=14).decision("llm")
+    assert part.action == "partial-offload" and 0.25 <= part.params["gpu_fraction"] < 1
+    unc = plan_shot(M14, 81, 832, 480, budget_gib=32, llm_gib=6, llm_controllable=False)
+    assert unc.decision("llm").action == "uncontrolled"
+    assert unc.stage_peaks_gib["decode"] == pytest.approx(19.42 + 6, abs=0.02)
+
+
+def test_calibration_fits_measured_points() -> None:
+    cal = Calibration()
+    per = M14.spec.act_bytes_per_token
+    cal.fit("act", [(20280.0, int(2.6 * GIB)), (48360.0, int(6.2 * GIB))], per)
+    m = CostModel(M14.spec, cal)
+    assert m.shot(49, 832, 480).activations / GIB == pytest.approx(2.6, rel=0.01)
+    assert m.shot(121, 832, 480).activations / GIB == pytest.approx(6.2, rel=0.01)
+
+
+def broker(monitor: Any, **kw: Any) -> Broker:
+    return Broker(monitor, M14, budget_gib=kw.pop("budget_gib", 32.0), margin_gib=1.0, **kw)
+
+
+def test_decode_headroom_full_free_tiled_refuse() -> None:
+    p = plan_shot(M14, 81, 832, 480, budget_gib=32)
+    freed: list[int] = []
+    b = broker(ScriptedMonitor(80, [20.0]))
+    assert not b.decode_headroom(p, "s1", lambda: freed.append(1)).tiled
+    assert freed == []
+    b = broker(ScriptedMonitor(80, [40, 2.0, 9.0]))  # budget read, before, after /free
+    choice = b.decode_headroom(p, "s1", lambda: freed.append(1))
+    assert (choice.tiled, choice.unload_models, freed) == (False, True, [1])
+    b = broker(ScriptedMonitor(80, [40, 2.0, 3.0]))
+    choice = b.decode_headroom(p, "s1", lambda: None)
+    assert choice.tiled and choice.params["tile_size"] <= 512
+    ev = b.events[-1]
+    assert (ev.stage, ev.action, ev.free_gib) == ("decode", "decode-tiled", 3.0)
+    assert "full decode needs 6.3" in ev.reason
+    b = broker(ScriptedMonitor(80, [40, 0.5, 0.6]))
+    with pytest.raises(BudgetTooSmall, match="any decode would spill"):
+        b.decode_headroom(p, "s1", lambda: None)
+
+
+def test_restart_on_creep_and_schedule() -> None:
+    restarts: list[str] = []
+    b = broker(ScriptedMonitor(80, [40, 30.0, 30.0, 27.9, 31.0]), restart_every_n_scenes=0)
+    assert b.between_shots(0, "s01", lambda: None, restarts.append) is None  # baseline 30
+    assert b.between_shots(0, "s02", lambda: None, restarts.append) is None
+    reason = b.between_shots(1, "s03", lambda: None, restarts.append)
+    assert reason is not None and reason.startswith("memory creep: 27.90 GiB free")
+    assert restarts == [reason]
+    assert b.baseline_free_gib == 31.0
+    b = broker(ScriptedMonitor(80, [40, 30.0]), restart_every_n_scenes=2)
+    got = [b.between_shots(i, f"s{i}", lambda: None, restarts.append) for i in range(5)]
+    assert got == [None, None, "scheduled: every 2 scene(s)", None,
+                   "scheduled: every 2 scene(s)"]
+    b = broker(ScriptedMonitor(80, [40, 30.0, 20.0]))
+    b.between_shots(0, "a", lambda: None, None)
+    b.between_shots(1, "b", lambda: None, None)
+    assert b.events[-1].action == "restart-unavailable"
+
+
+def test_no_gpu_mode_plans_but_does_not_act() -> None:
+    b = Broker(NoGpuMonitor("NVML: library not found"), M14, budget_gib=32,
+               llm=UncontrolledLLM("llama.cpp server", 4.0))
+    p = b.plan(81, 832, 480, "s1")
+    assert p.decision("llm").action == "uncontrolled"
+    ev = b.place_llm_for_video(p)
+    assert ev.outcome == "no GPU: not carried out"
+    assert b.between_shots(0, "s1", lambda: None, None) is None
+    assert not b.acts
+
+
+def test_monitor_without_nvidia_and_bad_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = open_monitor(0)  # this machine has no NVIDIA driver
+    assert not m.available and "no GPU" in m.describe()
+    fake = types.SimpleNamespace(nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 1,
+                                 NVMLError=RuntimeError)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with pytest.raises(GpuUnavailable, match=r"GPU index 3 does not exist; this machine has 1 "
+                                             r"NVIDIA GPU \(0..0\)"):
+        open_monitor(3)
+
+
+def test_sampler_degrades_to_system_stats_when_nvml_fails() -> None:
+    mon = ScriptedMonitor(32, [20.0], fail_after=2)
+    sampler = VramSampler(mon, interval_s=0.01, fallback=lambda: (15.0, 17.0))
+    with sampler:
+        import time
+        time.sleep(0.2)
+    sources = [s.source for s in sampler.timeline.samples]
+    assert sources[:2] == ["nvml", "nvml"] and sources[-1] == "system_stats"
+    assert sampler.degraded
+    assert sampler.timeline.peak_used_gib() == 15.0
+
+
+@pytest.fixture()
+def fake() -> Iterator[FakeComfyUI]:
+    server = FakeComfyUI().start()
+    yield server
+    server.stop()
+
+
+def shot(frames: int) -> Shot:
+    return Shot(id="s01_sh01", scene_index=0, shot_index=0, action="a", prompt="p",
+                frames=frames, fps=16, width=832, height=480, seed=1)
+
+
+def test_staged_render_unloads_high_expert_between_passes(fake: FakeComfyUI,
+                                                           tmp_path: Path) -> None:
+    e = ComfyUIEngine(ComfyUIClient(fake.url), BoundWorkflow.load(
+        workflows.binding_path("wan22_14b_t2v")), AttachedComfyUI(fake.url))
+    e.broker = broker(ScriptedMonitor(80, [40, 3.0, 3.0]))  # little free at decode
+    fake.faults.step_delay_s = 0
+    result = e.render(shot(81), tmp_path / "c.mp4")
+    assert list(result.details["stage_seconds"]) == ["high", "low", "decode"]
+    classes = [{n["class_type"] for n in p.values()} for p in fake.prompts]
+    assert "SaveLatent" in classes[0] and "KSamplerAdvanced" in classes[0]
+    assert {"LoadLatent", "SaveLatent"} <= classes[1]
+    assert "VAEDecodeTiled" in classes[2] and "UNETLoader" not in classes[2]
+    unet_names = {n["inputs"]["unet_name"] for n in fake.prompts[1].values()
+                  if n["class_type"] == "UNETLoader"}
+    assert unet_names == {"wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"}
+    assert {"unload_models": True, "free_memory": False} in fake.free_calls
+    actions = [a["action"] for a in result.details["vram"]["actions"]]
+    assert actions[0] == "unload-high-before-low" and "decode-tiled" in actions
+
+
+def test_single_prompt_when_both_experts_fit(fake: FakeComfyUI, tmp_path: Path) -> None:
+    e = ComfyUIEngine(ComfyUIClient(fake.url), BoundWorkflow.load(
+        workflows.binding_path("wan22_14b_t2v")), AttachedComfyUI(fake.url))
+    e.broker = broker(ScriptedMonitor(80, [40.0]))
+    result = e.render(shot(33), tmp_path / "c.mp4")
+    assert len(fake.prompts) == 1
+    assert result.details["vram"]["plan"]["decisions"][1]["action"] == "keep-both-experts"
+
+
+def test_llm_controls() -> None:
+    assert NoLLM().release() .startswith("nothing to move")
+    assert "counted as taken" in UncontrolledLLM("llama.cpp", 5).release()
