@@ -5,16 +5,21 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging.handlers import APILogHandler
 
+from flows.gpu import GpuSession, gpu_session, gpu_slot
 from story_to_video.atomic import write_json_atomic
 from story_to_video.batch import load_batch
 from story_to_video.config import Settings, load_settings
-from story_to_video.engines import make_engine
+from story_to_video.engines import VideoEngine, make_engine
 from story_to_video.llm import open_llm
+from story_to_video.models import ShotPlan
+from story_to_video.report import write_report
 from story_to_video.run import RunFolder, RunSpec, safe_name
 from tasks.assemble import assemble_video
 from tasks.plan import plan_shots
@@ -81,15 +86,45 @@ def make_video(
 
     video = make_engine(settings, plan)
     try:
-        records = [render_shot(video, shot, folder) for shot in plan.shots]
+        with gpu_slot(settings, video), gpu_session(settings, video, folder.root) as gpu:
+            records = render_all(video, plan, folder, gpu)
+            plot = gpu.sampler.timeline.plot(folder.root / "vram-timeline.png",
+                                             title=f"VRAM: {folder.root.name}")
     finally:
         video.close()
 
     run_info = {"idea": folder.spec.idea, "scenes": folder.spec.scenes,
                 "target_seconds": folder.spec.target_seconds, "style": folder.spec.style,
                 "engine": settings.engine, "preview": video.is_preview, "llm": llm_used,
-                "started_at": started}
-    return assemble_video(folder, plan, records, run_info)
+                "started_at": started,
+                "broker_events": [e.to_json() for e in gpu.broker.events] if gpu.broker
+                else []}
+    final = assemble_video(folder, plan, records, run_info)
+    write_report(folder.root, plan, records, run_info, plot)
+    return final
+
+
+def render_all(video: VideoEngine, plan: ShotPlan, folder: RunFolder,
+               gpu: GpuSession) -> list[dict[str, Any]]:
+    """Every shot in plan order, with the broker placing the LLM first and restoring after."""
+    progress = cast(UUID, create_progress_artifact(
+        0.0, description=f"shots of {folder.root.name}"))
+    if gpu.broker is not None:
+        first = plan.shots[0]
+        gpu.broker.place_llm_for_video(gpu.broker.plan(first.frames, first.width,
+                                                       first.height, first.id))
+    records = []
+    try:
+        for i, shot in enumerate(plan.shots, start=1):
+            gpu.sampler.timeline.mark(shot.id)
+            records.append(render_shot(video, shot, folder))
+            video.after_shot(shot)
+            update_progress_artifact(progress, 100.0 * i / len(plan.shots),
+                                     description=f"{i}/{len(plan.shots)} shots done")
+    finally:
+        if gpu.broker is not None:
+            gpu.broker.restore_llm()
+    return records
 
 
 @flow(name="story-to-video", log_prints=True)

@@ -104,6 +104,16 @@ class Broker:
                                         "planned", shot_id, d.params))
         return p
 
+    def shrink_after_oom(self, shot_id: str, message: str, step_gib: float = 2.0) -> float:
+        """An OOM means the model under-predicted here: plan leaner from now on."""
+        old = self.budget_gib
+        self.budget_gib = max(1.0, old - step_gib)
+        self.record(BrokerEvent("oom", "shrink-budget", 0.0, self.free_gib(),
+                                f"out of memory: {message[:200]}",
+                                f"budget {old:.1f} -> {self.budget_gib:.1f} GiB; shot retried",
+                                shot_id))
+        return self.budget_gib
+
     # -- LLM placement ---------------------------------------------------------------------
     def place_llm_for_video(self, p: BrokerPlan) -> BrokerEvent:
         d = p.decision("llm")

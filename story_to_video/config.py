@@ -109,6 +109,8 @@ class BrokerSettings(BaseModel):
     restart_every_n_scenes: int = Field(default=0, ge=0, description="0 = off")
     leak_threshold_gib: float = Field(default=1.5, gt=0)
     sample_interval_s: float = Field(default=0.5, gt=0)
+    llm_gib: float = Field(default=0.0, ge=0, description="VRAM the LLM holds, if not measured")
+    concurrency_limit: bool = Field(default=True, description="one heavy job per GPU")
 
 
 class Settings(BaseSettings):

@@ -56,6 +56,7 @@ class RunSpec:
         if len(idea) > 1000:
             raise InputError(f"idea is {len(idea)} characters; keep it to one line (<= 1000)")
         object.__setattr__(self, "idea", idea)
+        object.__setattr__(self, "target_seconds", float(self.target_seconds))  # 10 == 10.0
         if not 1 <= self.scenes <= MAX_SCENES:
             raise InputError(f"scenes must be between 1 and {MAX_SCENES}, got {self.scenes}")
         if not 0 < self.target_seconds <= MAX_TARGET_SECONDS:

@@ -27,3 +27,12 @@ def embedded_llm_url() -> Iterator[str]:
     server = EmbeddedLlamaServer()
     with server.running_server() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server (ephemeral, SQLite) for every test that runs flows."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

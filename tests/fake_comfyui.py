@@ -363,7 +363,10 @@ class FakeComfyUI:
                 prefix = str(prompt[nid]["inputs"].get("filename_prefix", "latents/ComfyUI"))
                 sub, _, stem = prefix.rpartition("/")
                 name = f"{stem}_{len(self.files) + 1:05d}_.latent"
-                self.files[f"output/{sub}/{name}"] = b"LATENT" + nid.encode()
+                # a real latent holds its shape; this one holds the video it will decode to
+                frames, width, height, _ = self._video_params(prompt, nid)
+                self.files[f"output/{sub}/{name}"] = json.dumps(
+                    {"frames": frames, "width": width, "height": height}).encode()
                 outputs[nid] = {"latents": [{"filename": name, "subfolder": sub,
                                              "type": "output"}]}
                 await emit("executed", {"node": nid, "display_node": nid,
@@ -397,6 +400,9 @@ class FakeComfyUI:
         frames, width, height, fps = 17, 64, 64, 16
         for node in prompt.values():
             ins = node["inputs"]
+            if node["class_type"] == "LoadLatent":
+                shape = json.loads(self.uploads[f"/{ins['latent']}"])
+                frames, width, height = shape["frames"], shape["width"], shape["height"]
             if "length" in ins and "width" in ins:
                 frames, width, height = int(ins["length"]), int(ins["width"]),\
                     int(ins["height"])

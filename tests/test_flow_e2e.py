@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import story_to_video
 from story_to_video.engines.video_io import probe, stream_codec
@@ -18,10 +16,9 @@ from story_to_video.run import InputError
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+@pytest.fixture(autouse=True)
+def _harness(prefect_harness: None) -> None:
+    return None
 
 
 def test_idea_to_final_mp4_then_resume(tmp_path: Path) -> None:
@@ -43,6 +40,10 @@ def test_idea_to_final_mp4_then_resume(tmp_path: Path) -> None:
     assert manifest["llm"].startswith("llamacpp-embedded at http://127.0.0.1:")
     assert manifest["prompt_version"].startswith("v1-")
     assert all(r["preview"] and not r["resumed"] for r in manifest["shots"])
+    report = (final.parent / "report.md").read_text()
+    assert "PREVIEW run" in report and "![contact sheet](contact-sheet.png)" in report
+    assert all(f"| {s['id']} |" in report for s in shots)
+    assert (final.parent / "contact-sheet.png").stat().st_size > 1000
 
     clips = sorted((final.parent / "clips").glob("*.mp4"))
     mtimes = {p: p.stat().st_mtime_ns for p in clips}

@@ -68,6 +68,7 @@ def test_run_dir_is_stable_and_sweeps_partials(tmp_path: Path) -> None:
     a, b = spec(tmp_path), spec(tmp_path, idea="a   fox")
     assert a.dir == b.dir  # same idea, same run folder: a re-run resumes
     assert spec(tmp_path, scenes=3).dir != a.dir
+    assert spec(tmp_path, target_seconds=8.0).dir == a.dir  # 8 and 8.0 are one run
     folder = RunFolder(a)
     folder.prepare()
     stale = folder.clips / ".s01-sh01-abc.partial-123.mp4"

@@ -11,8 +11,9 @@ from ...atomic import atomic_path
 from ...config import Settings
 from ...models import Shot
 from ..base import ClipResult, EngineStatus, Progress, ProgressCallback
+from ..video_io import probe
 from .client import ComfyUIClient, Execution
-from .errors import ComfyUIDied, ComfyUIError, StallError, WorkflowError
+from .errors import ComfyUIDied, ComfyUIError, GpuOutOfMemory, StallError, WorkflowError
 from .graph import Stage, split_stages, use_tiled_decode
 from .process import AttachedComfyUI, ComfyUIProcess, ComfyUIServer
 from .workflow import BoundWorkflow
@@ -102,6 +103,18 @@ class ComfyUIEngine:
 
     def render(self, shot: Shot, out_path: Path,
                progress: ProgressCallback | None = None) -> ClipResult:
+        try:
+            return self._render(shot, out_path, progress)
+        except GpuOutOfMemory as err:
+            if self.broker is None:
+                raise
+            # Not a blind retry: the broker plans leaner (smaller budget) and we try once.
+            self.broker.shrink_after_oom(shot.id, str(err))
+            self.client.free(unload_models=True, free_memory=True)
+            return self._render(shot, out_path, progress)
+
+    def _render(self, shot: Shot, out_path: Path,
+                progress: ProgressCallback | None) -> ClipResult:
         self._ensure_started()
         t_start = self._now()
         prompt = self.bound.bind(shot, **self.extra_inputs)
@@ -124,6 +137,13 @@ class ComfyUIEngine:
         cached = self._was_cached(ex)
         item = output_file(ex.outputs, self.bound.binding.nodes.output)
         self._download(item, out_path)
+        got = probe(out_path)
+        if got.frames != shot.frames or (got.width, got.height) != (shot.width, shot.height):
+            bad = out_path.with_suffix(".unexpected.mp4")
+            out_path.replace(bad)  # kept for inspection, never taken as the shot's clip
+            raise ComfyUIError(f"{shot.id}: ComfyUI returned {got.frames} frames at "
+                               f"{got.width}x{got.height}, expected {shot.frames} at "
+                               f"{shot.width}x{shot.height} (kept as {bad.name})")
         if cached:
             log.warning("%s: ComfyUI answered from its cache (%.2fs, no sampling); reported "
                         "as cached, not as a generation", shot.id, ex.seconds)

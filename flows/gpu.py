@@ -1,0 +1,100 @@
+"""GPU side of a run: one heavy job per GPU, the broker wired to the engine, VRAM timeline."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect.concurrency.sync import concurrency
+
+from resource_broker.broker import Broker
+from resource_broker.cost_model import Calibration, CostModel
+from resource_broker.gpu import GIB, open_monitor
+from resource_broker.llm_control import (
+    LLMControl,
+    LMStudioControl,
+    NoLLM,
+    OllamaControl,
+    UncontrolledLLM,
+)
+from resource_broker.timeline import VramSampler
+from story_to_video.config import Settings
+from story_to_video.engines.base import VideoEngine
+from story_to_video.engines.comfyui import ComfyUIEngine
+
+log = logging.getLogger("resource_broker.session")
+
+
+def llm_control(settings: Settings) -> LLMControl:
+    cfg, gib = settings.llm, settings.broker.llm_gib
+    if cfg.backend == "llamacpp-embedded":
+        return NoLLM()
+    if cfg.backend == "ollama" and cfg.model:
+        return OllamaControl(cfg.resolved_base_url() or "", cfg.model)
+    if cfg.backend == "lmstudio" and cfg.model:
+        return LMStudioControl(cfg.model, gib)
+    return UncontrolledLLM(cfg.backend, gib)
+
+
+def ensure_gpu_limit(name: str) -> None:
+    """Create the global concurrency limit `gpu-N` (1 slot) if it does not exist yet."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+
+@contextlib.contextmanager
+def gpu_slot(settings: Settings, engine: VideoEngine) -> Iterator[None]:
+    """Hold the per-GPU concurrency slot for the video work, so two runs never share a card."""
+    if engine.is_preview or not settings.broker.concurrency_limit:
+        yield
+        return
+    name = f"gpu-{settings.broker.gpu_index}"
+    ensure_gpu_limit(name)
+    log.info("waiting for concurrency slot %s", name)
+    with concurrency(name, occupy=1):
+        yield
+
+
+@dataclass
+class GpuSession:
+    broker: Broker | None
+    sampler: VramSampler
+
+
+@contextlib.contextmanager
+def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path
+                ) -> Iterator[GpuSession]:
+    """Monitor + broker + VRAM sampler around the video work; writes the timeline plot."""
+    monitor = open_monitor(settings.broker.gpu_index)
+    log.info("GPU: %s", monitor.describe())
+    fallback = None
+    broker = None
+    if isinstance(engine, ComfyUIEngine):
+        client = engine.client
+
+        def from_system_stats() -> tuple[float, float]:
+            dev = client.system_stats()["devices"][0]
+            return ((dev["vram_total"] - dev["vram_free"]) / GIB, dev["vram_free"] / GIB)
+
+        fallback = from_system_stats
+        calibration = Calibration.load(run_dir.parent / ".broker-calibration.json")
+        cost = CostModel.for_model(engine.bound.binding.model, calibration)
+        broker = Broker(monitor, cost, budget_gib=settings.broker.budget_gib,
+                        margin_gib=settings.broker.safety_margin_gib,
+                        restart_every_n_scenes=settings.broker.restart_every_n_scenes,
+                        leak_threshold_gib=settings.broker.leak_threshold_gib,
+                        llm=llm_control(settings))
+        engine.broker = broker
+    sampler = VramSampler(monitor, settings.broker.sample_interval_s, fallback)
+    if isinstance(engine, ComfyUIEngine):
+        engine.timeline = sampler.timeline
+    with sampler:
+        yield GpuSession(broker, sampler)
