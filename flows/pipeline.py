@@ -18,12 +18,13 @@ from story_to_video.batch import load_batch
 from story_to_video.config import Settings, load_settings
 from story_to_video.engines import VideoEngine, make_engine
 from story_to_video.llm import open_llm
+from story_to_video.locks import claimed
 from story_to_video.models import ShotPlan
 from story_to_video.report import write_report
 from story_to_video.run import RunFolder, RunSpec, safe_name
 from tasks.assemble import assemble_video
 from tasks.plan import plan_shots
-from tasks.render import render_shot
+from tasks.render import DiskFull, render_shot
 from tasks.story import write_story
 
 OUR_LOGGERS = ("story_to_video", "resource_broker")
@@ -78,11 +79,14 @@ def make_video(
     plan = folder.load_plan()
     llm_used = "reused plan"
     if plan is None:
-        with open_llm(settings.llm, folder.root) as backend:
-            llm_used = backend.description
-            story = write_story(backend, folder, settings.llm.temperature)
-            plan = plan_shots(backend, folder, story, settings.llm, settings.video)
-        # Leaving the block stopped an embedded LLM: its memory is free for video work.
+        with claimed(folder.root / ".plan.claim"):  # one worker plans, others wait for it
+            plan = folder.load_plan()
+            if plan is None:
+                with open_llm(settings.llm, folder.root) as backend:
+                    llm_used = backend.description
+                    story = write_story(backend, folder, settings.llm.temperature)
+                    plan = plan_shots(backend, folder, story, settings.llm, settings.video)
+                # Leaving the block stopped an embedded LLM: its VRAM is free for video.
 
     video = make_engine(settings, plan)
     try:
@@ -99,8 +103,9 @@ def make_video(
                 "started_at": started,
                 "broker_events": [e.to_json() for e in gpu.broker.events] if gpu.broker
                 else []}
-    final = assemble_video(folder, plan, records, run_info)
-    write_report(folder.root, plan, records, run_info, plot)
+    with claimed(folder.root / ".assemble.claim"):
+        final = assemble_video(folder, plan, records, run_info)
+        write_report(folder.root, plan, records, run_info, plot)
     return final
 
 
@@ -113,18 +118,26 @@ def render_all(video: VideoEngine, plan: ShotPlan, folder: RunFolder,
         first = plan.shots[0]
         gpu.broker.place_llm_for_video(gpu.broker.plan(first.frames, first.width,
                                                        first.height, first.id))
-    records = []
+    found: dict[str, dict[str, Any]] = {}
     try:
-        for i, shot in enumerate(plan.shots, start=1):
-            gpu.sampler.timeline.mark(shot.id)
-            records.append(render_shot(video, shot, folder))
-            video.after_shot(shot)
-            update_progress_artifact(progress, 100.0 * i / len(plan.shots),
-                                     description=f"{i}/{len(plan.shots)} shots done")
+        # First pass skips shots another worker holds; the second waits for them.
+        for wait in (False, True):
+            for shot in plan.shots:
+                if shot.id in found:
+                    continue
+                gpu.sampler.timeline.mark(shot.id)
+                record = render_shot(video, shot, folder, wait_for_others=wait)
+                if record is None:
+                    continue
+                found[shot.id] = record
+                if not record.get("resumed"):
+                    video.after_shot(shot)
+                update_progress_artifact(progress, 100.0 * len(found) / len(plan.shots),
+                                         description=f"{len(found)}/{len(plan.shots)} shots")
     finally:
         if gpu.broker is not None:
             gpu.broker.restore_llm()
-    return records
+    return [found[s.id] for s in plan.shots]
 
 
 @flow(name="story-to-video", log_prints=True)
@@ -181,6 +194,11 @@ def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, 
         try:
             final = make_video(**params)
             summary["done"].append({"where": where, "idea": entry.idea, "final": final})
+        except DiskFull as err:
+            log.error("batch stopped: %s", err)
+            summary["failed"].append({"where": where, "idea": entry.idea,
+                                      "reason": f"DiskFull: {err}"})
+            break
         except Exception as err:  # one idea's failure is recorded, the batch goes on
             log.error("batch %s (%s) failed: %s", where, entry.idea, err)
             summary["failed"].append({"where": where, "idea": entry.idea,

@@ -45,3 +45,21 @@ def assemble(clips: Sequence[ClipRef], out: Path, fps: int) -> VideoInfo:
     log.info("assembled %d clips into %s: %d frames, %.2fs", len(clips), out, info.frames,
              info.seconds)
     return info
+
+
+def _stamp(seconds: float) -> str:
+    ms = round(seconds * 1000)
+    h, rem = divmod(ms, 3_600_000)
+    m, rem = divmod(rem, 60_000)
+    sec, ms = divmod(rem, 1000)
+    return f"{h:02d}:{m:02d}:{sec:02d},{ms:03d}"
+
+
+def srt(captions: Sequence[tuple[str, int, int]]) -> str:
+    """SubRip text from (caption, frames, fps) in order: one cue per shot."""
+    out, t = [], 0.0
+    for i, (text, frames, fps) in enumerate(captions, start=1):
+        end = t + frames / fps
+        out.append(f"{i}\n{_stamp(t)} --> {_stamp(end)}\n{' '.join(text.split())}\n")
+        t = end
+    return "\n".join(out)

@@ -76,6 +76,44 @@ def run(
 
 
 @app.command()
+def batch(
+    file: Annotated[Path, typer.Argument(help="JSONL (one {\"idea\": ...} a line), TOML, YAML")],
+    engine: Annotated[str | None, typer.Option("--engine", help="preview | comfyui")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="output folder")] = None,
+    scenes: ScenesOpt = 3,
+    target_seconds: SecondsOpt = 12.0,
+    config: ConfigOpt = None,
+) -> None:
+    """One video per idea; a failed idea never stops the others. Prints the summary path."""
+    from flows.pipeline import story_to_video
+
+    from .batch import BatchFileError, load_batch
+
+    try:
+        settings = load_settings(config, {"engine": engine})
+        parsed = load_batch(file)
+        for problem in parsed.problems:
+            typer.echo(f"warning: {file}: {problem.where}: {problem.reason} (skipped)",
+                       err=True)
+        if not parsed.entries:
+            raise BatchFileError(f"{file} has no usable idea")
+        summary = story_to_video(batch=str(file), scenes=scenes, target_seconds=target_seconds,
+                                 engine=settings.engine,
+                                 output_dir=str(output) if output else None,
+                                 config_file=str(config) if config else None)
+    except (*USER_ERRORS, BatchFileError) as err:
+        _fail(err)
+    data = json.loads(Path(summary).read_text())
+    typer.echo(f"done {len(data['done'])}, failed {len(data['failed'])}, "
+               f"skipped {len(data['skipped'])}", err=True)
+    for item in data["failed"]:
+        typer.echo(f"failed {item['where']} ({item['idea']}): {item['reason']}", err=True)
+    typer.echo(summary)
+    if data["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def plan(
     idea: IdeaOpt,
     scenes: ScenesOpt = 3,

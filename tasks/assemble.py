@@ -8,8 +8,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from story_to_video.assembly import ClipRef, assemble
-from story_to_video.atomic import write_json_atomic
+from story_to_video.assembly import ClipRef, assemble, srt
+from story_to_video.atomic import write_json_atomic, write_text_atomic
 from story_to_video.models import ShotPlan
 from story_to_video.run import RunFolder
 
@@ -21,6 +21,9 @@ def assemble_video(
     log = get_run_logger()
     refs = [ClipRef(folder.clips / r["clip"], r["frames"], r["fps"]) for r in records]
     info = assemble(refs, folder.final_path, fps=plan.shots[0].fps)
+    actions = {s.id: s.action for s in plan.shots}
+    write_text_atomic(folder.final_path.with_suffix(".srt"), srt(
+        [(actions[r["shot_id"]], r["frames"], r["fps"]) for r in records]))
     manifest = {
         **run_info,
         "finished_at": time.time(),

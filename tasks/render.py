@@ -1,27 +1,91 @@
-"""Stage 3: one clip per shot from the video engine; finished shots are never redone."""
+"""Stage 3: one clip per shot from the video engine; finished shots are never redone.
+
+Several workers may share a run: a shot is claimed before it is rendered, so no shot is
+rendered twice; a claim left by a killed worker is taken over.
+"""
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
 
 from story_to_video.atomic import write_json_atomic
 from story_to_video.engines.base import Progress, VideoEngine
+from story_to_video.engines.comfyui.errors import (
+    ComfyUIDied,
+    ComfyUIUnavailable,
+    Interrupted,
+    StallError,
+)
+from story_to_video.locks import claim, release
 from story_to_video.models import Shot
-from story_to_video.run import RunFolder
+from story_to_video.run import InputError, RunFolder
+
+TRANSIENT = (ComfyUIUnavailable, ComfyUIDied, StallError, Interrupted, ConnectionError)
+DISK_MARGIN_BYTES = 200 * 2**20
 
 
-@task(name="render-shot", task_run_name="render-{shot.id}", cache_policy=NO_CACHE)
-def render_shot(engine: VideoEngine, shot: Shot, folder: RunFolder) -> dict[str, Any]:
+class DiskFull(InputError):
+    """Not enough free disk for the next clip: the batch stops cleanly, keeping what is done."""
+
+
+def _transient(_task: Task[Any, Any], _run: TaskRun, state: State[Any]) -> bool:
+    """Retry server restarts and dropped sockets; never validation errors or OOM (the broker
+    already retried those with a leaner plan)."""
+    try:
+        state.result(raise_on_failure=True)
+    except TRANSIENT:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def check_disk(folder: RunFolder, shot: Shot) -> None:
+    # H.264 preview/Wan clips stay well under 0.3 bytes per pixel-frame.
+    need = int(shot.frames * shot.width * shot.height * 0.3) + DISK_MARGIN_BYTES
+    free = shutil.disk_usage(folder.root).free
+    if free < need:
+        raise DiskFull(f"only {free / 2**20:.0f} MiB free in {folder.root}; shot {shot.id} "
+                       f"needs about {need / 2**20:.0f} MiB. Finished shots are kept; free "
+                       "space and re-run to resume.")
+
+
+@task(name="render-shot", task_run_name="render-{shot.id}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+def render_shot(engine: VideoEngine, shot: Shot, folder: RunFolder,
+                wait_for_others: bool = True) -> dict[str, Any] | None:
+    """The shot's record; None when another worker holds it and we are not to wait."""
     log = get_run_logger()
     key = folder.shot_key(shot, engine.fingerprint())
     done = folder.finished_record(shot, key)
     if done is not None:
         log.info("%s: already finished (%s), not redone", shot.id, done["clip"])
         return {**done, "resumed": True}
+    lock = folder.clip_path(shot, key).with_suffix(".claim")
+    while not claim(lock):
+        if not wait_for_others:
+            log.info("%s: being rendered by another worker; moving on", shot.id)
+            return None
+        time.sleep(1.0)
+        done = folder.finished_record(shot, key)
+        if done is not None:
+            log.info("%s: finished by another worker (%s)", shot.id, done["clip"])
+            return {**done, "resumed": True}
+    try:
+        return _render(engine, shot, folder, key)
+    finally:
+        release(lock)
+
+
+def _render(engine: VideoEngine, shot: Shot, folder: RunFolder, key: str) -> dict[str, Any]:
+    log = get_run_logger()
+    check_disk(folder, shot)
 
     def progress(p: Progress) -> None:
         log.info("%s: step %d/%d %s", p.shot_id, p.step, p.total, p.node)

@@ -302,6 +302,13 @@ class FakeComfyUI:
             self.running_client = sid
             try:
                 await self._execute(pid, prompt, sid)
+            except Exception as err:  # like ComfyUI: a node failure is an execution_error
+                await self._send(sid, "execution_error", {
+                    "prompt_id": pid, "node_id": self.last_node or "?",
+                    "node_type": prompt.get(self.last_node or "", {}).get("class_type", "?"),
+                    "executed": [], "exception_message": str(err),
+                    "exception_type": type(err).__name__, "traceback": [],
+                    "current_inputs": {}, "current_outputs": {}})
             finally:
                 self.running_client, self.last_node = None, None
 

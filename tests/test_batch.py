@@ -1,0 +1,127 @@
+"""Batches: parsing with line numbers, and a killed batch resumed without redoing work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from story_to_video.batch import BatchFileError, load_batch, parse_batch_text
+from tests.conftest import ROOT
+
+
+def test_broken_lines_are_reported_and_the_rest_kept() -> None:
+    text = ('{"idea": "a fox"}\n'
+            '{"idea": "a whale", "scenes": 0}\n'
+            '\n'
+            'not json\n'
+            '# a comment\n'
+            '{"idea": "a fox", "colour": "red"}\n'
+            '"just a string idea"\n')
+    parsed = parse_batch_text(text, "jsonl")
+    assert [(w, e.idea) for w, e in parsed.entries] == [("line 1", "a fox"),
+                                                         ("line 7", "just a string idea")]
+    assert [(p.where, p.reason) for p in parsed.problems] == [
+        ("line 2", "scenes: Input should be greater than or equal to 1"),
+        ("line 4", "not JSON: Expecting value"),
+        ("line 6", "colour: Extra inputs are not permitted"),
+    ]
+
+
+def test_toml_and_yaml(tmp_path: Path) -> None:
+    (tmp_path / "b.toml").write_text('[[ideas]]\nidea = "a fox"\nscenes = 2\n')
+    (tmp_path / "b.yaml").write_text("- idea: a fox\n- a whale\n- {idea: ''}\n")
+    assert load_batch(tmp_path / "b.toml").entries[0][1].scenes == 2
+    y = load_batch(tmp_path / "b.yaml")
+    assert [e.idea for _, e in y.entries] == ["a fox", "a whale"]
+    assert y.problems[0].where == "entry 3"
+    (tmp_path / "x.csv").write_text("idea\n")
+    with pytest.raises(BatchFileError, match="use .jsonl, .toml, .yaml"):
+        load_batch(tmp_path / "x.csv")
+    (tmp_path / "bad.yaml").write_text("ideas: [\n")
+    with pytest.raises(BatchFileError, match="not valid YAML"):
+        load_batch(tmp_path / "bad.yaml")
+
+
+def test_prefect_yaml_cron_is_valid() -> None:
+    import yaml
+    from cronsim import CronSim, CronSimError
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    crons = [s["cron"] for d in spec["deployments"] for s in d.get("schedules", [])]
+    assert crons == ["0 1 * * *"]
+    from datetime import datetime
+    for c in crons:
+        CronSim(c, datetime(2026, 1, 1))
+    with pytest.raises(CronSimError):
+        CronSim("0 25 * * *", datetime(2026, 1, 1))
+
+
+def batch_cmd(file: Path, out: Path, home: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "story_to_video", "batch", str(file), "--output", str(out),
+         "--scenes", "2", "--target-seconds", "8"], cwd=out.parent, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_killed_batch_resumes_without_redoing_or_keeping_partials(tmp_path: Path) -> None:
+    file = tmp_path / "b.jsonl"
+    file.write_text('{"idea": "a lighthouse in fog"}\n{"idea": "a kite over dunes"}\n')
+    out = tmp_path / "runs"
+    out.mkdir()
+    proc = batch_cmd(file, out, tmp_path / "home1")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(out.glob("*/clips/*.json")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the worker dies mid-batch, as at 3 a.m.
+    proc.wait()
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/clips/*.json")}
+    assert before, "no shot finished before the kill"
+    assert not list(out.glob("*/final.mp4"))
+
+    proc = batch_cmd(file, out, tmp_path / "home2")
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(Path(stdout.strip().splitlines()[-1]).read_text())
+    assert len(summary["done"]) == 2 and not summary["failed"]
+    for p, mtime in before.items():
+        assert p.stat().st_mtime_ns == mtime  # finished shots were not redone
+    assert not list(out.rglob("*.partial-*"))  # nothing half-written kept
+    for final in out.glob("*/final.mp4"):
+        manifest = json.loads((final.parent / "manifest.json").read_text())
+        resumed = [s["shot_id"] for s in manifest["shots"] if s["resumed"]]
+        done_before = {json.loads(p.read_text())["shot_id"] for p in before
+                       if p.parent.parent == final.parent}
+        assert set(resumed) == done_before
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_batch_without_doing_a_shot_twice(tmp_path: Path) -> None:
+    file = tmp_path / "b.jsonl"
+    file.write_text('{"idea": "a paper boat race"}\n{"idea": "an owl reads a map"}\n')
+    out = tmp_path / "runs"
+    out.mkdir()
+    procs = [batch_cmd(file, out, tmp_path / f"home{i}") for i in range(2)]
+    logs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=900)
+        assert p.returncode == 0, stderr[-3000:]
+        logs.append(stderr)
+    rendered = [line.split("PREVIEW render of ")[1].split(":")[0]
+                for log in logs for line in log.splitlines() if "PREVIEW render of" in line]
+    finals = list(out.glob("*/final.mp4"))
+    assert len(finals) == 2
+    shots_total = sum(len(json.loads((f.parent / "manifest.json").read_text())["shots"])
+                      for f in finals)
+    # every shot rendered once in all, whichever worker took it (ids repeat across ideas)
+    assert len(rendered) == shots_total
