@@ -46,12 +46,23 @@ class Bible(BaseModel):
 
     _clean = field_validator("style", "palette")(_strip)
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> Bible:
-        names = [c.name.casefold() for c in self.characters]
-        if len(set(names)) != len(names):
-            raise ValueError(f"character names must be unique, got {names}")
-        return self
+    @field_validator("characters", mode="before")
+    @classmethod
+    def _drop_repeats(cls, v: object) -> object:
+        """Small models repeat a character verbatim; keep the first of each name."""
+        if not isinstance(v, list):
+            return v
+        seen: set[str] = set()
+        out = []
+        for c in v:
+            name = c.get("name") if isinstance(c, dict) else None
+            key = " ".join(str(name).split()).casefold() if isinstance(name, str) else None
+            if key is not None and key in seen:
+                continue
+            if key is not None:
+                seen.add(key)
+            out.append(c)
+        return out
 
     def character(self, name: str) -> Character | None:
         for c in self.characters:

@@ -114,7 +114,7 @@ def test_two_workers_share_a_batch_without_doing_a_shot_twice(tmp_path: Path) ->
     procs = [batch_cmd(file, out, tmp_path / f"home{i}") for i in range(2)]
     logs = []
     for p in procs:
-        stdout, stderr = p.communicate(timeout=900)
+        _stdout, stderr = p.communicate(timeout=900)
         assert p.returncode == 0, stderr[-3000:]
         logs.append(stderr)
     rendered = [line.split("PREVIEW render of ")[1].split(":")[0]

@@ -68,8 +68,10 @@ def test_plan_refuses_unknown_character_and_duplicate_ids() -> None:
                        "shots": [shot(), shot()]}])
 
 
-def test_bible_names_unique() -> None:
-    with pytest.raises(ValidationError, match="unique"):
-        Bible(style="noir", palette="grey", characters=[
-            {"name": "Ana", "look": "short hair", "wardrobe": "coat"},
-            {"name": "ana", "look": "long hair", "wardrobe": "hat"}])
+def test_bible_drops_repeated_characters() -> None:
+    b = Bible(style="noir", palette="grey", characters=[
+        {"name": "Ana", "look": "short hair", "wardrobe": "coat"},
+        {"name": " ana ", "look": "long hair", "wardrobe": "hat"},
+        {"name": "Bo", "look": "tall man", "wardrobe": "suit"}])
+    assert [(c.name, c.look) for c in b.characters] == [("Ana", "short hair"),
+                                                        ("Bo", "tall man")]
