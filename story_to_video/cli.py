@@ -204,9 +204,51 @@ def _prefect_status() -> str:
     return f"Prefect API at {url} answers"
 
 
+def _disk_status(settings: Settings, batch_file: Path | None, seconds: float) -> str:
+    import shutil
+
+    from .batch import load_batch
+
+    out = Path(settings.output_dir).resolve()
+    probe = out if out.exists() else out.parent
+    free = shutil.disk_usage(probe).free
+    ideas = len(load_batch(batch_file).entries) if batch_file else 1
+    v = settings.video
+    # clips + final, H.264 at under 0.3 bytes per pixel-frame, plus 200 MiB of slack
+    need = int(2 * ideas * seconds * v.fps * v.width * v.height * 0.3) + 200 * 2**20
+    if free < need:
+        raise RuntimeError(f"{out}: {free / 2**30:.1f} GiB free, the batch needs about "
+                           f"{need / 2**30:.1f} GiB: free some space or change output_dir")
+    return (f"{out}: {free / 2**30:.1f} GiB free, about {need / 2**30:.2f} GiB needed for "
+            f"{ideas} idea(s)")
+
+
+def _pool_status(settings: Settings) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return "ephemeral mode: no work pool or concurrency limit needed for local runs"
+    with get_client(sync_client=True) as client:
+        pools = {p.name for p in client.read_work_pools()}
+        if "story-to-video" not in pools:
+            raise RuntimeError("work pool 'story-to-video' missing: prefect work-pool create "
+                               "story-to-video --type process")
+        name = f"gpu-{settings.broker.gpu_index}"
+        limits = {g.name: g.limit for g in client.read_global_concurrency_limits()}
+    have = f"limit {name}={limits[name]}" if name in limits else \
+        f"limit {name} will be created on the first GPU run"
+    return f"work pool 'story-to-video' exists; {have}"
+
+
 @app.command()
-def doctor(config: ConfigOpt = None) -> None:
-    """Say which LLM, engine, GPU and Prefect API would be used, and whether each answers."""
+def doctor(
+    config: ConfigOpt = None,
+    batch_file: Annotated[Path | None, typer.Option(
+        "--batch", help="also size the disk check for this batch file")] = None,
+    target_seconds: SecondsOpt = 12.0,
+) -> None:
+    """Check everything a night needs and say what to fix; exits 1 when something fails."""
     try:
         settings = load_settings(config)
     except ConfigError as err:
@@ -216,8 +258,8 @@ def doctor(config: ConfigOpt = None) -> None:
         _check(f"engine ({settings.engine})", lambda: _engine_status(settings)),
         _check("GPU", lambda: _gpu_status(settings)),
         _check("Prefect", _prefect_status),
-        _check("output", lambda: f"{Path(settings.output_dir).resolve()} "
-               f"({'exists' if Path(settings.output_dir).exists() else 'will be created'})"),
+        _check("work pool", lambda: _pool_status(settings)),
+        _check("disk", lambda: _disk_status(settings, batch_file, target_seconds)),
     ]
     if not all(checks):
         raise typer.Exit(1)

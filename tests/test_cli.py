@@ -54,3 +54,14 @@ def test_doctor_reports_each_service(tmp_path: Path) -> None:
     assert "[ok]   engine (preview): preview engine" in out
     assert "GPU: " in out and "Prefect: " in out
     assert res.returncode == 0, out
+
+
+@pytest.mark.slow
+def test_doctor_says_what_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    (tmp_path / "story-to-video.toml").write_text(
+        f'engine = "comfyui"\n[comfyui]\nurl = "{url}"\n')
+    res = cli("doctor", cwd=tmp_path, timeout=180)
+    assert res.returncode == 1
+    assert f"[FAIL] engine (comfyui): no ComfyUI answers at {url}/system_stats" in res.stdout
+    assert "[ok]   disk: " in res.stdout
