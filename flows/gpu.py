@@ -85,7 +85,8 @@ def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path
             return ((dev["vram_total"] - dev["vram_free"]) / GIB, dev["vram_free"] / GIB)
 
         fallback = from_system_stats
-        calibration = Calibration.load(run_dir.parent / ".broker-calibration.json")
+        calibration_file = run_dir.parent / f".broker-calibration-{engine.bound.binding.model}.json"
+        calibration = Calibration.load(calibration_file)
         cost = CostModel.for_model(engine.bound.binding.model, calibration)
         broker = Broker(monitor, cost, budget_gib=settings.broker.budget_gib,
                         margin_gib=settings.broker.safety_margin_gib,
@@ -98,3 +99,5 @@ def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path
         engine.timeline = sampler.timeline
     with sampler:
         yield GpuSession(broker, sampler)
+    if broker is not None and broker.acts:
+        broker.cost.calibration.save(calibration_file)  # measured peaks refine the next run

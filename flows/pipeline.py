@@ -24,7 +24,7 @@ from story_to_video.report import write_report
 from story_to_video.run import RunFolder, RunSpec, safe_name
 from tasks.assemble import assemble_video
 from tasks.plan import plan_shots
-from tasks.render import DiskFull, render_shot
+from tasks.render import DiskFull, render_shot, render_shots_pass_major
 from tasks.story import write_story
 
 OUR_LOGGERS = ("story_to_video", "resource_broker")
@@ -91,7 +91,7 @@ def make_video(
     video = make_engine(settings, plan)
     try:
         with gpu_slot(settings, video), gpu_session(settings, video, folder.root) as gpu:
-            records = render_all(video, plan, folder, gpu)
+            records = render_all(video, plan, folder, gpu, settings.comfyui.pass_major)
             plot = gpu.sampler.timeline.plot(folder.root / "vram-timeline.png",
                                              title=f"VRAM: {folder.root.name}")
     finally:
@@ -110,7 +110,7 @@ def make_video(
 
 
 def render_all(video: VideoEngine, plan: ShotPlan, folder: RunFolder,
-               gpu: GpuSession) -> list[dict[str, Any]]:
+               gpu: GpuSession, pass_major: bool = False) -> list[dict[str, Any]]:
     """Every shot in plan order, with the broker placing the LLM first and restoring after."""
     progress = cast(UUID, create_progress_artifact(
         0.0, description=f"shots of {folder.root.name}"))
@@ -119,6 +119,8 @@ def render_all(video: VideoEngine, plan: ShotPlan, folder: RunFolder,
         gpu.broker.place_llm_for_video(gpu.broker.plan(first.frames, first.width,
                                                        first.height, first.id))
     found: dict[str, dict[str, Any]] = {}
+    if pass_major:
+        render_shots_pass_major(video, plan.shots, folder)  # the loop below finds them done
     try:
         # First pass skips shots another worker holds; the second waits for them.
         for wait in (False, True):

@@ -104,6 +104,16 @@ class Broker:
                                         "planned", shot_id, d.params))
         return p
 
+    def learn(self, p: BrokerPlan, measured_peak_gib: float) -> None:
+        """Refine the per-machine calibration from a measured peak: the difference from the
+        prediction is put on the activations, the part that varies per shot."""
+        if not self.acts or measured_peak_gib <= 0:
+            return
+        c = self.cost.shot(p.frames, p.width, p.height)
+        fixed = p.peak_gib * GIB - c.activations
+        measured_act = int(measured_peak_gib * GIB - fixed)
+        self.cost.calibration.refine("act", c.activations, max(measured_act, 1))
+
     def shrink_after_oom(self, shot_id: str, message: str, step_gib: float = 2.0) -> float:
         """An OOM means the model under-predicted here: plan leaner from now on."""
         old = self.budget_gib

@@ -99,6 +99,8 @@ class ComfyUISettings(BaseModel):
     start_timeout_s: float = Field(default=180.0, gt=0)
     stall_timeout_s: float = Field(default=600.0, gt=0)
     shot_timeout_s: float = Field(default=3600.0, gt=0)
+    pass_major: bool = Field(default=False, description="all high passes, then all low, then "
+                             "all decodes: each expert loads once per run")
 
 
 class BrokerSettings(BaseModel):

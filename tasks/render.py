@@ -105,3 +105,38 @@ def _render(engine: VideoEngine, shot: Shot, folder: RunFolder, key: str) -> dic
     log.info("%s: %s %s in %.1fs%s", shot.id, label, out.name, result.seconds,
              " (from engine cache)" if result.cached else "")
     return {**record, "resumed": False}
+
+
+@task(name="render-pass-major", cache_policy=NO_CACHE)
+def render_shots_pass_major(engine: VideoEngine, shots: list[Shot], folder: RunFolder
+                            ) -> int:
+    """Render every pending shot pass by pass (engine must support it); returns how many."""
+    from story_to_video.engines.comfyui import ComfyUIEngine
+
+    log = get_run_logger()
+    if not isinstance(engine, ComfyUIEngine) or not engine.bound.binding.two_expert:
+        log.warning("pass-major batching needs the ComfyUI engine with a two-expert workflow;"
+                    " rendering clip by clip")
+        return 0
+    keys = {s.id: folder.shot_key(s, engine.fingerprint()) for s in shots}
+    pending = [s for s in shots if folder.finished_record(s, keys[s.id]) is None]
+    locks = {s.id: folder.clip_path(s, keys[s.id]).with_suffix(".claim") for s in pending}
+    mine = [s for s in pending if claim(locks[s.id])]
+    try:
+        if not mine:
+            return 0
+        for s in mine:
+            check_disk(folder, s)
+        log.info("pass-major batch of %d shots: each expert loads once", len(mine))
+        outs = [folder.clip_path(s, keys[s.id]) for s in mine]
+        for s, result in zip(mine, engine.render_pass_major(mine, outs), strict=True):
+            write_json_atomic(folder.record_path(s, keys[s.id]), {
+                "shot_id": s.id, "key": keys[s.id], "clip": result.path.name,
+                "frames": result.frames, "fps": result.fps, "width": result.width,
+                "height": result.height, "seconds": round(result.seconds, 3),
+                "engine": result.engine, "preview": False, "cached": False,
+                "started_at": time.time(), "details": result.details})
+        return len(mine)
+    finally:
+        for s in mine:
+            release(locks[s.id])

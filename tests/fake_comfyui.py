@@ -61,8 +61,10 @@ class FakeComfyUI:
     prompts: list[dict[str, Any]] = field(default_factory=list)
     free_calls: list[dict[str, Any]] = field(default_factory=list)
     interrupts: int = 0
+    model_loads: list[str] = field(default_factory=list)  # each weights transfer to the GPU
 
     def __post_init__(self) -> None:
+        self.loaded: set[str] = set()  # model management: loaded on use, unloaded by /free
         self.sockets: dict[str, WebSocket] = {}
         self.cache: set[str] = set()
         self.files: dict[str, bytes] = {}
@@ -164,6 +166,8 @@ class FakeComfyUI:
     async def free(self, request: Request) -> Response:
         body = await request.json()
         self.free_calls.append(body)
+        if body.get("unload_models") or body.get("free_memory"):
+            self.loaded.clear()
         if body.get("free_memory"):
             self.cache.clear()  # ComfyUI resets its executor (and cache) on free_memory
         return Response(status_code=200)
@@ -360,6 +364,10 @@ class FakeComfyUI:
                 self._finish(pid, prompt, outputs, messages, "error")
                 return
             if cls in ("KSampler", "KSamplerAdvanced"):
+                model = self._model_of(prompt, nid)
+                if model not in self.loaded:  # ComfyUI loads the weights on first use
+                    self.loaded.add(model)
+                    self.model_loads.append(model)
                 steps = int(prompt[nid]["inputs"].get("steps", 4))
                 for step in range(1, steps + 1):
                     await asyncio.sleep(self.faults.step_delay_s)
@@ -391,6 +399,15 @@ class FakeComfyUI:
         await emit("execution_success", {"prompt_id": pid, "timestamp": now()})
         await emit("executing", {"node": None, "prompt_id": pid})
         self._finish(pid, prompt, outputs, messages, "success")
+
+    def _model_of(self, prompt: dict[str, Any], nid: str) -> str:
+        node = prompt[nid]
+        while node["class_type"] != "UNETLoader":
+            link = node["inputs"].get("model")
+            if not _is_link(link):
+                return "?"
+            node = prompt[str(link[0])]
+        return str(node["inputs"]["unet_name"])
 
     def _finish(self, pid: str, prompt: dict[str, Any], outputs: dict[str, Any],
                 messages: list[list[Any]], status: str) -> None:

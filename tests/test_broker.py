@@ -23,6 +23,7 @@ from story_to_video.engines.comfyui import (
     ComfyUIClient,
     ComfyUIEngine,
 )
+from story_to_video.engines.video_io import probe
 from story_to_video.models import Shot
 from tests.fake_comfyui import FakeComfyUI
 
@@ -246,3 +247,33 @@ def test_single_prompt_when_both_experts_fit(fake: FakeComfyUI, tmp_path: Path) 
 def test_llm_controls() -> None:
     assert NoLLM().release() .startswith("nothing to move")
     assert "counted as taken" in UncontrolledLLM("llama.cpp", 5).release()
+
+
+def test_pass_major_loads_each_expert_once_per_batch(fake: FakeComfyUI,
+                                                     tmp_path: Path) -> None:
+    fake.faults.step_delay_s = 0
+    e = ComfyUIEngine(ComfyUIClient(fake.url), BoundWorkflow.load(
+        workflows.binding_path("wan22_14b_t2v")), AttachedComfyUI(fake.url))
+    e.broker = broker(ScriptedMonitor(80, [40.0]))
+    shots = [Shot(id=f"s01_sh0{i}", scene_index=0, shot_index=i, action="a", prompt=f"p{i}",
+                  frames=81, fps=16, width=832, height=480, seed=i) for i in (1, 2, 3)]
+    for s in shots:  # clip by clip, the high-noise expert unloaded before each low pass
+        e.render(s, tmp_path / f"{s.id}.mp4")
+    per_clip = len(fake.model_loads)
+    fake.model_loads.clear()
+    fake.loaded.clear()
+    results = e.render_pass_major([s.model_copy(update={"seed": s.seed + 10}) for s in shots],
+                                  [tmp_path / f"pm{i}.mp4" for i in range(3)])
+    assert per_clip == 6  # two expert loads per clip
+    assert len(fake.model_loads) == 2  # one per expert for the whole batch
+    assert [probe(r.path).frames for r in results] == [81, 81, 81]
+
+
+def test_broker_learns_from_measured_peaks(tmp_path: Path) -> None:
+    b = broker(ScriptedMonitor(80, [40.0]))
+    p = b.plan(81, 832, 480)
+    before = b.cost.shot(81, 832, 480).activations
+    b.learn(p, p.peak_gib + 1.0)  # the run needed 1 GiB more than predicted
+    assert b.cost.shot(81, 832, 480).activations > before
+    b.cost.calibration.save(tmp_path / "cal.json")
+    assert Calibration.load(tmp_path / "cal.json").act_scale == b.cost.calibration.act_scale

@@ -61,3 +61,17 @@ def test_comfyui_flow_staged_with_report(fake: FakeComfyUI, tmp_path: Path,
     assert "## VRAM" in report and "unload-high-before-low" in report
     assert (folder.root / "vram-timeline.png").is_file()  # sampled from /system_stats
     assert len(fake.prompts) == 6  # 3 stages x 2 shots
+
+
+def test_comfyui_flow_pass_major(fake: FakeComfyUI, tmp_path: Path, prefect_harness: None,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STV_COMFYUI__URL", fake.url)
+    monkeypatch.setenv("STV_COMFYUI__PASS_MAJOR", "true")
+    monkeypatch.setenv("STV_COMFYUI__WORKFLOW", "wan22_14b_t2v")
+    seed_plan(tmp_path, "an owl at dusk")
+    final = Path(story_to_video(idea="an owl at dusk", scenes=2, target_seconds=10,
+                                engine="comfyui", output_dir=str(tmp_path)))
+    manifest = json.loads((final.parent / "manifest.json").read_text())
+    assert all(s["details"].get("pass_major") for s in manifest["shots"])
+    assert len(fake.model_loads) == 2  # each expert once for the whole run
+    assert probe(final).frames == sum(s["frames"] for s in manifest["shots"])

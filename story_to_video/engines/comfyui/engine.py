@@ -221,6 +221,55 @@ class ComfyUIEngine:
         assert ex is not None
         return ex
 
+    def render_pass_major(self, shots: list[Shot], out_paths: list[Path],
+                          progress: ProgressCallback | None = None) -> list[ClipResult]:
+        """A batch of two-expert shots, pass by pass: every high-noise pass, then every
+        low-noise pass, then every decode, so each expert is loaded once per batch instead
+        of once per clip."""
+        self._ensure_started()
+        nodes = self.bound.binding.nodes
+        if not (self.bound.binding.two_expert and nodes.high_sampler and nodes.low_sampler):
+            raise WorkflowError("pass-major batching needs a two-expert workflow")
+        staged = {s.id: split_stages(self.bound.bind(s, **self.extra_inputs),
+                                     high_sampler=nodes.high_sampler,
+                                     low_sampler=nodes.low_sampler, decode=nodes.decode,
+                                     output=nodes.output, prefix=f"story-to-video/{s.id}")
+                  for s in shots}
+        latents: dict[str, str] = {}
+        started = {s.id: self._now() for s in shots}
+        finals: dict[str, Execution] = {}
+        for i, phase in enumerate(("high", "low", "decode")):
+            if i:
+                self.client.free(unload_models=True)  # the previous pass's expert goes
+            self._mark(f"pass-major {phase}")
+            for s in shots:
+                stage = staged[s.id][i]
+                wf = dict(stage.workflow)
+                if stage.latent_in is not None:
+                    wf[stage.latent_in] = {**wf[stage.latent_in],
+                                           "inputs": {"latent": latents[s.id]}}
+                if phase == "decode" and self.broker is not None:
+                    p = self.broker.plan(s.frames, s.width, s.height, s.id)
+                    choice = self.broker.decode_headroom(
+                        p, s.id, lambda: self.client.free(unload_models=True))
+                    if choice.tiled:
+                        wf = use_tiled_decode(wf, nodes.decode, **choice.params)
+                ex = self._run_with_restarts(s, wf, progress)
+                if stage.latent_out is not None:
+                    latents[s.id] = self._hand_over_latent(ex, stage, s.id)
+                else:
+                    finals[s.id] = ex
+        results = []
+        for s, out in zip(shots, out_paths, strict=True):
+            ex = finals[s.id]
+            self._download(output_file(ex.outputs, nodes.output), out)
+            results.append(ClipResult(path=out, frames=s.frames, fps=s.fps, width=s.width,
+                                      height=s.height, seconds=self._now() - started[s.id],
+                                      engine=self.name, preview=False,
+                                      details={"prompt_id": ex.prompt_id,
+                                               "pass_major": True}))
+        return results
+
     def _hand_over_latent(self, ex: Execution, stage: Stage, shot_id: str) -> str:
         out = ex.outputs.get(stage.latent_out or "") or {}
         items = out.get("latents") or []
@@ -257,6 +306,7 @@ class ComfyUIEngine:
             start = t_start - self.timeline.t0
             rec["measured_peak_gib"] = round(self.timeline.peak_used_gib(start), 2)
             rec["min_free_gib"] = round(self.timeline.min_free_gib(start), 2)
+            self.broker.learn(plan, rec["measured_peak_gib"])
         return rec
 
     def after_shot(self, shot: Shot) -> None:
