@@ -178,7 +178,10 @@ def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, 
         log.error("batch %s: %s: skipped", problem.where, problem.reason)
         summary["skipped"].append({"where": problem.where, "reason": problem.reason})
     seen: dict[tuple[Any, ...], str] = {}
-    for where, entry in parsed.entries:
+    progress = cast(UUID, create_progress_artifact(0.0, description=f"batch {batch}"))
+    for n, (where, entry) in enumerate(parsed.entries, start=1):
+        update_progress_artifact(progress, 100.0 * (n - 1) / len(parsed.entries),
+                                 description=f"idea {n}/{len(parsed.entries)}: {entry.idea}")
         params = {"idea": entry.idea, "scenes": entry.scenes or scenes,
                   "target_seconds": entry.target_seconds or target_seconds,
                   "run_name": entry.run_name, **common}
@@ -205,6 +208,7 @@ def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, 
             log.error("batch %s (%s) failed: %s", where, entry.idea, err)
             summary["failed"].append({"where": where, "idea": entry.idea,
                                       "reason": f"{type(err).__name__}: {err}"})
+    update_progress_artifact(progress, 100.0, description="batch finished")
     out_dir = Path(common["output_dir"] or load_settings(common["config_file"]).output_dir)
     out = out_dir / f"batch-{safe_name(Path(batch).stem)}-summary.json"
     write_json_atomic(out, summary)
