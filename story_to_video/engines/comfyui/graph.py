@@ -127,32 +127,34 @@ def split_stages(wf: Workflow, *, high_sampler: str, low_sampler: str, decode: s
     if wf[low_sampler]["inputs"].get("latent_image") != [high_sampler, 0]:
         raise WorkflowError(f"low-noise sampler {low_sampler} does not read the high-noise "
                             f"sampler {high_sampler}'s latent: not a two-expert graph")
-    stages = []
     # Pass 1: everything the high-noise sampler needs, then save its latent.
-    s1 = {nid: copy.deepcopy(wf[nid]) for nid in ancestors(wf, [high_sampler])}
-    save1 = _new_id(wf, "save_latent_")
-    s1[save1] = {"class_type": "SaveLatent", "inputs": {"samples": [high_sampler, 0],
-                 "filename_prefix": f"{prefix}_high"}, "_meta": {"title": "Save latent"}}
-    stages.append(Stage("high", s1, None, save1))
-    # Pass 2: the low-noise sampler fed from a loaded latent.
-    low_wf = copy.deepcopy(wf)
-    load2 = _new_id(wf, "load_latent_")
-    low_wf[load2] = {"class_type": "LoadLatent", "inputs": {"latent": ""},
-                     "_meta": {"title": "Load latent"}}
-    low_wf[low_sampler]["inputs"]["latent_image"] = [load2, 0]
-    s2 = {nid: low_wf[nid] for nid in ancestors(low_wf, [low_sampler])}
-    save2 = _new_id(low_wf, "save_latent_")
-    s2[save2] = {"class_type": "SaveLatent", "inputs": {"samples": [low_sampler, 0],
-                 "filename_prefix": f"{prefix}_low"}, "_meta": {"title": "Save latent"}}
-    stages.append(Stage("low", s2, load2, save2))
+    high = {nid: copy.deepcopy(wf[nid]) for nid in ancestors(wf, [high_sampler])}
+    save1 = _save_latent(high, high_sampler, f"{prefix}_high")
+    # Pass 2: the low-noise sampler fed from a loaded latent, then save its latent.
+    low, load2 = _from_loaded_latent(wf, low_sampler, "latent_image", low_sampler)
+    save2 = _save_latent(low, low_sampler, f"{prefix}_low")
     # Decode: loaded latent -> decode -> everything down to the output node.
-    dec_wf = copy.deepcopy(wf)
-    load3 = _new_id(wf, "load_latent_")
-    dec_wf[load3] = {"class_type": "LoadLatent", "inputs": {"latent": ""},
-                     "_meta": {"title": "Load latent"}}
-    dec_wf[decode]["inputs"]["samples"] = [load3, 0]
-    s3 = {nid: dec_wf[nid] for nid in ancestors(dec_wf, [output])}
-    if low_sampler in s3 or high_sampler in s3:
+    dec, load3 = _from_loaded_latent(wf, decode, "samples", output)
+    if low_sampler in dec or high_sampler in dec:
         raise WorkflowError("the output still depends on a sampler after the decode split")
-    stages.append(Stage("decode", s3, load3, None))
-    return stages
+    return [Stage("high", high, None, save1), Stage("low", low, load2, save2),
+            Stage("decode", dec, load3, None)]
+
+
+def _save_latent(wf: Workflow, sampler: str, prefix: str) -> str:
+    """Add a SaveLatent reading `sampler` to wf (in place); returns its id."""
+    nid = _new_id(wf, "save_latent_")
+    wf[nid] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0],
+               "filename_prefix": prefix}, "_meta": {"title": "Save latent"}}
+    return nid
+
+
+def _from_loaded_latent(wf: Workflow, node: str, inp: str, root: str
+                        ) -> tuple[Workflow, str]:
+    """The part of wf that `root` needs once `node.inp` reads a LoadLatent instead."""
+    out = copy.deepcopy(wf)
+    load = _new_id(wf, "load_latent_")
+    out[load] = {"class_type": "LoadLatent", "inputs": {"latent": ""},
+                 "_meta": {"title": "Load latent"}}
+    out[node]["inputs"][inp] = [load, 0]
+    return {nid: out[nid] for nid in ancestors(out, [root])}, load
