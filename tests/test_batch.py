@@ -64,7 +64,8 @@ def test_prefect_yaml_cron_is_valid() -> None:
 
 
 def batch_cmd(file: Path, out: Path, home: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONUNBUFFERED": "1",
+           "STV_LLM__MAX_REPAIR_TRIES": "5"}
     env.pop("PREFECT_API_URL", None)
     return subprocess.Popen(
         [sys.executable, "-m", "story_to_video", "batch", str(file), "--output", str(out),
