@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from moviepy import VideoFileClip, concatenate_videoclips
+from moviepy import CompositeVideoClip, VideoClip, VideoFileClip, concatenate_videoclips, vfx
 
 from .atomic import atomic_path
 from .engines.video_io import H264, VideoInfo, probe
@@ -22,20 +22,39 @@ class ClipRef:
     fps: int
 
 
-def assemble(clips: Sequence[ClipRef], out: Path, fps: int) -> VideoInfo:
-    """Concatenate in order. Each clip is held to exactly frames/fps seconds: moviepy rounds
-    a file's duration to 10 ms and would otherwise drop up to one frame per clip."""
+def _fit(clip: VideoClip, size: tuple[int, int]) -> VideoClip:
+    """Scale to fit `size` keeping the aspect ratio; pad the rest black (letterbox)."""
+    w, h = size
+    cw, ch = clip.size
+    if (cw, ch) == (w, h):
+        return clip
+    scale = min(w / cw, h / ch)
+    scaled = clip.resized(new_size=(max(2, round(cw * scale)), max(2, round(ch * scale))))
+    if tuple(scaled.size) == (w, h):
+        return scaled
+    return CompositeVideoClip([scaled.with_position("center")], size=(w, h),
+                              bg_color=(0, 0, 0)).with_duration(clip.duration)
+
+
+def assemble(clips: Sequence[ClipRef], out: Path, fps: int,
+             crossfade_s: float = 0.0) -> VideoInfo:
+    """Concatenate in order at one size and fps (others are scaled and padded, resampled).
+    Each clip is held to exactly frames/fps seconds: moviepy rounds a file's duration to
+    10 ms and would otherwise drop up to one frame per clip. With crossfade_s, neighbours
+    overlap by that much."""
     if not clips:
         raise ValueError("no clips to assemble")
     opened = [VideoFileClip(str(c.path)) for c in clips]
     try:
-        size = opened[0].size
-        parts = []
-        for ref, clip in zip(clips, opened, strict=True):
-            if tuple(clip.size) != tuple(size):
-                clip = clip.resized(new_size=size)
-            parts.append(clip.with_duration(ref.frames / ref.fps))
-        joined = concatenate_videoclips(parts, method="chain")
+        size = (int(opened[0].size[0]), int(opened[0].size[1]))
+        parts = [_fit(clip.with_duration(ref.frames / ref.fps), size)
+                 for ref, clip in zip(clips, opened, strict=True)]
+        if crossfade_s > 0 and len(parts) > 1:
+            parts = [parts[0]] + [p.with_effects([vfx.CrossFadeIn(crossfade_s)])
+                                  for p in parts[1:]]
+            joined = concatenate_videoclips(parts, method="compose", padding=-crossfade_s)
+        else:
+            joined = concatenate_videoclips(parts, method="chain")
         with atomic_path(out) as tmp:
             joined.write_videofile(str(tmp), fps=fps, threads=2, **H264)
     finally:

@@ -85,6 +85,7 @@ class VideoSettings(BaseModel):
     height: int = Field(default=480, ge=128, le=2048, multiple_of=16)
     fps: int = Field(default=16, ge=4, le=60)
     max_shots_per_scene: int = Field(default=3, ge=1, le=8)
+    crossfade_s: float = Field(default=0.0, ge=0, le=2, description="overlap between shots")
     seed: int | None = Field(default=None, ge=0, description="base seed; None = derived from idea")
 
 

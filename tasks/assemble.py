@@ -16,11 +16,12 @@ from story_to_video.run import RunFolder
 
 @task(name="assemble", cache_policy=NO_CACHE)
 def assemble_video(
-    folder: RunFolder, plan: ShotPlan, records: list[dict[str, Any]], run_info: dict[str, Any]
+    folder: RunFolder, plan: ShotPlan, records: list[dict[str, Any]], run_info: dict[str, Any],
+    crossfade_s: float = 0.0,
 ) -> str:
     log = get_run_logger()
     refs = [ClipRef(folder.clips / r["clip"], r["frames"], r["fps"]) for r in records]
-    info = assemble(refs, folder.final_path, fps=plan.shots[0].fps)
+    info = assemble(refs, folder.final_path, fps=plan.shots[0].fps, crossfade_s=crossfade_s)
     actions = {s.id: s.action for s in plan.shots}
     write_text_atomic(folder.final_path.with_suffix(".srt"), srt(
         [(actions[r["shot_id"]], r["frames"], r["fps"]) for r in records]))

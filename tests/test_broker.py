@@ -277,3 +277,16 @@ def test_broker_learns_from_measured_peaks(tmp_path: Path) -> None:
     assert b.cost.shot(81, 832, 480).activations > before
     b.cost.calibration.save(tmp_path / "cal.json")
     assert Calibration.load(tmp_path / "cal.json").act_scale == b.cost.calibration.act_scale
+
+
+def test_block_swap_decision_reaches_the_render(fake: FakeComfyUI, tmp_path: Path) -> None:
+    fake.faults.step_delay_s = 0
+    e = ComfyUIEngine(ComfyUIClient(fake.url), BoundWorkflow.load(
+        workflows.binding_path("wan22_14b_t2v")), AttachedComfyUI(fake.url))
+    e.broker = broker(ScriptedMonitor(80, [40.0]), budget_gib=16.0)
+    result = e.render(shot(81), tmp_path / "c.mp4")
+    swap = [a for a in result.details["vram"]["actions"]
+            if a["action"] == "block-swap" and a["outcome"] != "planned"]
+    assert swap and swap[0]["params"]["blocks_to_swap"] == 8
+    assert "no block-swap node bound" in swap[0]["outcome"]
+    assert list(result.details["stage_seconds"]) == ["high", "low", "decode"]

@@ -80,3 +80,22 @@ def test_assembly_scales_a_clip_of_another_size(tmp_path: Path) -> None:
     info = assemble([ClipRef(a.path, 33, 16), ClipRef(b.path, 33, 16)], tmp_path / "f.mp4",
                     fps=16)
     assert (info.width, info.height, info.frames) == (320, 192, 66)
+
+
+def test_assembly_letterboxes_other_aspect_and_resamples_fps(tmp_path: Path) -> None:
+    a = PreviewEngine().render(shot(0), tmp_path / "a.mp4")
+    tall = PreviewEngine().render(shot(1, width=192, height=320, fps=8, frames=17),
+                                  tmp_path / "t.mp4")
+    info = assemble([ClipRef(a.path, 33, 16), ClipRef(tall.path, 17, 8)],
+                    tmp_path / "f.mp4", fps=16)
+    assert (info.width, info.height, info.fps) == (320, 192, 16.0)
+    assert info.frames == 33 + 34  # 17 frames at 8 fps last 2.125 s: 34 frames at 16 fps
+    edge = read_frame(tmp_path / "f.mp4", 50)[:, :40]  # left band of the padded clip
+    assert edge.mean() < 20  # black letterbox
+
+
+def test_crossfade_overlaps_neighbours(tmp_path: Path) -> None:
+    refs = [ClipRef(PreviewEngine().render(shot(i, frames=33), tmp_path / f"{i}.mp4").path,
+                    33, 16) for i in range(3)]
+    info = assemble(refs, tmp_path / "x.mp4", fps=16, crossfade_s=0.5)
+    assert info.frames == 99 - 2 * 8  # two overlaps of 8 frames

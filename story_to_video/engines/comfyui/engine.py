@@ -127,6 +127,8 @@ class ComfyUIEngine:
         plan = self.broker.plan(shot.frames, shot.width, shot.height, shot.id) \
             if self.broker else None
         stage_seconds: dict[str, float] = {}
+        if plan is not None:
+            self._apply_block_swap(prompt, plan, shot.id)
         if plan is not None and self._staged(plan):
             ex = self._render_staged(shot, prompt, plan, progress, stage_seconds)
         else:
@@ -166,6 +168,24 @@ class ComfyUIEngine:
             for chunk in self.client.view(item["filename"], item.get("subfolder", ""),
                                           item.get("type", "output")):
                 fh.write(chunk)
+
+    def _apply_block_swap(self, prompt: dict[str, Any], plan: BrokerPlan, shot_id: str) -> None:
+        """Set the block count the broker chose on the workflow's block-swap node, if any."""
+        d = plan.decision("experts")
+        if d.action != "block-swap" or self.broker is None:
+            return
+        from resource_broker.broker import BrokerEvent
+
+        n = int(d.params["blocks_to_swap"])
+        targets = self.bound.binding.inputs.get("blocks_to_swap", [])
+        for node, inp in targets:
+            prompt[node]["inputs"][inp] = n
+        outcome = (f"set blocks_to_swap={n} on node(s) {', '.join(t[0] for t in targets)}"
+                   if targets else "the workflow has no block-swap node bound: relying on "
+                   "ComfyUI's own lowvram offload (start it with --reserve-vram)")
+        self.broker.record(BrokerEvent("experts", "block-swap", d.predicted_gib,
+                                       self.broker.free_gib(), d.reason, outcome, shot_id,
+                                       d.params))
 
     def _staged(self, plan: BrokerPlan) -> bool:
         action = plan.decision("experts").action

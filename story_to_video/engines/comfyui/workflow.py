@@ -24,7 +24,7 @@ Target = tuple[str, str]
 
 BINDABLE = ("prompt", "negative_prompt", "seed", "frames", "width", "height", "fps",
             "start_image", "steps", "split_step", "lora_strength_high", "lora_strength_low",
-            "filename_prefix")
+            "filename_prefix", "blocks_to_swap")
 MODELS = ("wan2.2-14b", "wan2.2-5b", "wan2.1-14b", "wan2.1-1.3b")
 
 
