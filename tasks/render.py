@@ -7,6 +7,7 @@ rendered twice; a claim left by a killed worker is taken over.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -56,6 +57,18 @@ def check_disk(folder: RunFolder, shot: Shot) -> None:
                        "space and re-run to resume.")
 
 
+def terminal_bar(p: Progress) -> None:
+    """A progress bar on an interactive terminal during long sampling waits."""
+    if not sys.stderr.isatty() or p.total <= 0:
+        return
+    filled = int(30 * p.step / p.total)
+    sys.stderr.write(f"\r{p.shot_id} [{'#' * filled}{'.' * (30 - filled)}] "
+                     f"{p.step}/{p.total} {p.node:<12}")
+    if p.step >= p.total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
 @task(name="render-shot", task_run_name="render-{shot.id}", cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
 def render_shot(engine: VideoEngine, shot: Shot, folder: RunFolder,
@@ -89,6 +102,7 @@ def _render(engine: VideoEngine, shot: Shot, folder: RunFolder, key: str) -> dic
 
     def progress(p: Progress) -> None:
         log.info("%s: step %d/%d %s", p.shot_id, p.step, p.total, p.node)
+        terminal_bar(p)
 
     out = folder.clip_path(shot, key)
     started = time.time()
