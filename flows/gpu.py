@@ -12,7 +12,7 @@ from prefect.concurrency.sync import concurrency
 
 from resource_broker.broker import Broker
 from resource_broker.cost_model import Calibration, CostModel
-from resource_broker.gpu import GIB, open_monitor
+from resource_broker.gpu import GIB, GpuMonitor, NoGpuMonitor, open_monitor
 from resource_broker.llm_control import (
     LLMControl,
     LMStudioControl,
@@ -73,7 +73,8 @@ class GpuSession:
 def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path
                 ) -> Iterator[GpuSession]:
     """Monitor + broker + VRAM sampler around the video work; writes the timeline plot."""
-    monitor = open_monitor(settings.broker.gpu_index)
+    monitor: GpuMonitor = (NoGpuMonitor("preview engine: no GPU work") if engine.is_preview
+                           else open_monitor(settings.broker.gpu_index))
     log.info("GPU: %s", monitor.describe())
     fallback = None
     broker = None

@@ -13,6 +13,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging.handlers import APILogHandler
 
 from flows.gpu import GpuSession, gpu_session, gpu_slot
+from resource_broker.gpu import open_monitor
 from story_to_video.atomic import write_json_atomic
 from story_to_video.batch import load_batch
 from story_to_video.config import Settings, load_settings
@@ -51,6 +52,8 @@ def prepare(
     spec = RunSpec(idea=idea, scenes=scenes, target_seconds=target_seconds,
                    style=settings.style, engine=settings.engine,
                    output_dir=Path(settings.output_dir), run_name=run_name)
+    if settings.engine != "preview":
+        open_monitor(settings.broker.gpu_index)  # a GPU index that does not exist stops here
     folder = RunFolder(spec)
     folder.prepare()
     return settings, folder

@@ -11,6 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
+from resource_broker.gpu import GpuUnavailable
+from resource_broker.policy import BudgetTooSmall
+
 from .config import ConfigError, Settings, load_settings
 from .engines.base import VideoEngineError
 from .llm.base import LLMError
@@ -19,7 +22,8 @@ from .run import InputError, RunSpec
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Turn a one-line idea into a finished video on one local GPU.")
 
-USER_ERRORS = (ConfigError, InputError, LLMError, VideoEngineError)
+USER_ERRORS = (ConfigError, InputError, LLMError, VideoEngineError, GpuUnavailable,
+               BudgetTooSmall)
 
 IdeaOpt = Annotated[str, typer.Option("--idea", help="the one-line idea")]
 ScenesOpt = Annotated[int, typer.Option("--scenes", help="number of scenes")]

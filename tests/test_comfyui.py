@@ -215,3 +215,16 @@ def test_binding_naming_missing_node_or_input(tmp_path: Path) -> None:
     bad.write_text(text.replace("[inputs]", "[inputs]\ncfg_scale = [\"81\", \"cfg\"]"))
     with pytest.raises(WorkflowError, match="unknown input 'cfg_scale'"):
         BoundWorkflow.load(bad)
+
+
+def test_fingerprint_is_stable_across_processes() -> None:
+    import subprocess
+    import sys
+
+    code = ("import workflows;from story_to_video.engines.comfyui import *;"
+            "e=ComfyUIEngine(ComfyUIClient('http://x'),BoundWorkflow.load(workflows."
+            "binding_path('wan22_14b_t2v')),AttachedComfyUI('http://x'));"
+            "e.extra_inputs={'steps': 6};print(e.fingerprint())")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout for _ in range(2)}
+    assert len(outs) == 1  # resume keys must not change between runs

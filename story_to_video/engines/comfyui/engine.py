@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -74,8 +76,9 @@ class ComfyUIEngine:
                              shot_timeout_s=cfg.shot_timeout_s)
 
     def fingerprint(self) -> str:
-        extra = sorted(self.extra_inputs.items())
-        return f"comfyui-{self.bound.fingerprint()}-{hash(tuple(extra)) & 0xFFFF:04x}"
+        # Stable across processes (resume keys): no hash(), which Python salts per process.
+        extra = json.dumps(self.extra_inputs, sort_keys=True, default=str).encode()
+        return f"comfyui-{self.bound.fingerprint()}-{hashlib.sha256(extra).hexdigest()[:8]}"
 
     def _ensure_started(self) -> None:
         if not self._started:
