@@ -127,7 +127,9 @@ def test_calibration_fits_measured_points() -> None:
 
 
 def broker(monitor: Any, **kw: Any) -> Broker:
-    return Broker(monitor, M14, budget_gib=kw.pop("budget_gib", 32.0), margin_gib=1.0, **kw)
+    """A broker with its own cost model: brokers learn, tests must not share what they learn."""
+    return Broker(monitor, CostModel.for_model("wan2.2-14b"),
+                  budget_gib=kw.pop("budget_gib", 32.0), margin_gib=1.0, **kw)
 
 
 def test_decode_headroom_full_free_tiled_refuse() -> None:

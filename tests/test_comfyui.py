@@ -91,8 +91,18 @@ def test_cached_answer_is_reported_as_cached(fake: FakeComfyUI, tmp_path: Path) 
     assert fake.free_calls[-1] == {"unload_models": False, "free_memory": True}
 
 
+def test_missing_model_stops_before_any_prompt(fake: FakeComfyUI, tmp_path: Path) -> None:
+    e = engine(fake)
+    e.bound.workflow["75"]["inputs"]["unet_name"] = "missing.safetensors"
+    with pytest.raises(WorkflowError, match="node 75 \\(UNETLoader\\): unet_name="
+                                            "'missing.safetensors' is not available"):
+        e.render(shot(), tmp_path / "c.mp4")
+    assert fake.prompts == []  # refused before any GPU time
+
+
 def test_validation_error_names_the_node(fake: FakeComfyUI, tmp_path: Path) -> None:
     e = engine(fake)
+    e._started = True  # skip our preflight: the server's own validation answers
     e.bound.workflow["75"]["inputs"]["unet_name"] = "missing.safetensors"
     with pytest.raises(PromptValidationError) as exc:
         e.render(shot(), tmp_path / "c.mp4")

@@ -84,10 +84,13 @@ class ComfyUIEngine:
         if not self._started:
             self.server.start()
             self._started = True
+            self.preflight()  # a missing node or model file: one clear error, no GPU time
 
     def check(self) -> EngineStatus:
         try:
-            self._ensure_started()
+            if not self._started:
+                self.server.start()
+                self._started = True
             stats = self.client.system_stats()
             problems = self.bound.online_problems(self.client.object_info())
         except ComfyUIError as err:
