@@ -413,8 +413,54 @@ def run_steady(rig: Rig, plan: Plan, frames: int, w: int, h: int, spill_more: bo
     return {"seconds": None, "peak_gib": None, "outcome": "OOM after 8 spill steps"}
 
 
+def pass_major_batch(rig: Rig, n: int, frames: int, w: int, h: int) -> dict[str, Any]:
+    """n clips pass by pass: every high-noise pass, then every low-noise pass, then every
+    decode; each expert is loaded once for the batch. Returns seconds per clip."""
+    dev = rig.device
+    rig.high.unload()
+    rig.low.unload()
+    _free(dev)
+    lats = [torch.randn(1, 16, latent_frames(frames), h // 8, w // 8, device=dev,
+                        dtype=torch.bfloat16) for _ in range(n)]
+    t0 = time.perf_counter()
+    loads = rig.high.load()
+    for i in range(n):
+        for _ in range(STEPS_HIGH):
+            lats[i] = forward(rig, rig.high, lats[i])
+    rig.high.unload()
+    loads += rig.low.load()
+    for i in range(n):
+        for _ in range(STEPS_LOW):
+            lats[i] = forward(rig, rig.low, lats[i])
+    rig.low.unload()
+    _free(dev)
+    for lat in lats:
+        decode(rig, lat, False)
+    _sync(dev)
+    total = time.perf_counter() - t0
+    return {"clips": n, "seconds_per_clip": round(total / n, 2),
+            "load_seconds_total": round(loads, 2)}
+
+
+def per_clip_batch(rig: Rig, n: int, frames: int, w: int, h: int) -> dict[str, Any]:
+    """The same n clips one after another, unloading the high-noise expert before each
+    low-noise pass (the seeds' fix): two expert loads per clip."""
+    plan = fixed_unload_plan()
+    rig.high.unload()
+    rig.low.unload()
+    t0 = time.perf_counter()
+    loads = 0.0
+    for _ in range(n):
+        loads += run_clip(rig, plan, frames, w, h)["load_seconds"]
+    total = time.perf_counter() - t0
+    return {"clips": n, "seconds_per_clip": round(total / n, 2),
+            "load_seconds_total": round(loads, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pass-major", type=int, default=0, metavar="N",
+                    help="also time a batch of N clips pass-major vs clip by clip")
     ap.add_argument("--budget-gib", type=float, default=32.0)
     ap.add_argument("--frames", type=int, nargs="+", default=[33, 81, 161])
     ap.add_argument("--width", type=int, default=832)
@@ -487,6 +533,16 @@ def main() -> None:
         rig.high.unload()
         rig.low.unload()
     report(rows, args.budget_gib)
+    if args.pass_major:
+        f = args.frames[min(1, len(args.frames) - 1)]
+        clip = per_clip_batch(rig, args.pass_major, f, w, h)
+        major = pass_major_batch(rig, args.pass_major, f, w, h)
+        print(f"\nbatch of {args.pass_major} clips at {f} frames: clip by clip "
+              f"{clip['seconds_per_clip']} s/clip ({clip['load_seconds_total']} s of expert "
+              f"loads); pass-major {major['seconds_per_clip']} s/clip "
+              f"({major['load_seconds_total']} s of loads): "
+              f"{major['seconds_per_clip'] / clip['seconds_per_clip']:.3f}x", flush=True)
+        rows.append({"pass_major": major, "clip_by_clip": clip, "frames": f})
     if args.out:
         args.out.write_text(json.dumps({"budget_gib": args.budget_gib, "rows": rows,
                                         "context_gib": context / GIB,
