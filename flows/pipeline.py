@@ -107,7 +107,7 @@ def make_video(
                 "broker_events": [e.to_json() for e in gpu.broker.events] if gpu.broker
                 else []}
     with claimed(folder.root / ".assemble.claim"):
-        final = assemble_video(folder, plan, records, run_info, settings.video.crossfade_s)
+        final = assemble_video(folder, plan, records, run_info, settings.video)
         write_report(folder.root, plan, records, run_info, plot)
     return final
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from moviepy import CompositeVideoClip, VideoClip, VideoFileClip, concatenate_videoclips, vfx
+from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_path
 from .engines.video_io import H264, VideoInfo, probe
@@ -20,6 +23,43 @@ class ClipRef:
     path: Path
     frames: int
     fps: int
+    caption: str = ""
+
+
+def _burn(text: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A frame transform drawing `text` in a band at the bottom."""
+    def draw(frame: np.ndarray) -> np.ndarray:
+        img = Image.fromarray(frame)
+        h = img.height
+        size = max(12, h // 24)
+        font = ImageFont.load_default(size=size)
+        lines = textwrap.wrap(" ".join(text.split()), max(20, int(img.width / (size * 0.55))))
+        lines = lines[:2]
+        band = len(lines) * (size + 4) + 10
+        d = ImageDraw.Draw(img, "RGBA")
+        d.rectangle((0, h - band, img.width, h), fill=(0, 0, 0, 160))
+        for i, line in enumerate(lines):
+            d.text((10, h - band + 5 + i * (size + 4)), line, font=font, fill=(255, 255, 255))
+        return np.asarray(img)
+    return draw
+
+
+def _interpolated(clip: VideoClip, src_fps: int, out_fps: int) -> VideoClip:
+    """Blend neighbouring frames to reach out_fps (a simple stand-in for RIFE when the
+    engine did not interpolate)."""
+    last = clip.duration - 1 / src_fps
+
+    def frame(t: float) -> np.ndarray:
+        pos = t * src_fps
+        i = int(np.floor(pos))
+        a = pos - i
+        f0: np.ndarray = np.asarray(clip.get_frame(min(i / src_fps, last)), np.float32)
+        if a < 1e-6:
+            return f0.astype(np.uint8)
+        f1: np.ndarray = np.asarray(clip.get_frame(min((i + 1) / src_fps, last)), np.float32)
+        return ((1 - a) * f0 + a * f1).round().astype(np.uint8)
+
+    return VideoClip(frame_function=frame, duration=clip.duration).with_fps(out_fps)
 
 
 def _fit(clip: VideoClip, size: tuple[int, int]) -> VideoClip:
@@ -36,8 +76,8 @@ def _fit(clip: VideoClip, size: tuple[int, int]) -> VideoClip:
                               bg_color=(0, 0, 0)).with_duration(clip.duration)
 
 
-def assemble(clips: Sequence[ClipRef], out: Path, fps: int,
-             crossfade_s: float = 0.0) -> VideoInfo:
+def assemble(clips: Sequence[ClipRef], out: Path, fps: int, crossfade_s: float = 0.0,
+             burn_captions: bool = False, output_fps: int | None = None) -> VideoInfo:
     """Concatenate in order at one size and fps (others are scaled and padded, resampled).
     Each clip is held to exactly frames/fps seconds: moviepy rounds a file's duration to
     10 ms and would otherwise drop up to one frame per clip. With crossfade_s, neighbours
@@ -49,14 +89,19 @@ def assemble(clips: Sequence[ClipRef], out: Path, fps: int,
         size = (int(opened[0].size[0]), int(opened[0].size[1]))
         parts = [_fit(clip.with_duration(ref.frames / ref.fps), size)
                  for ref, clip in zip(clips, opened, strict=True)]
+        if burn_captions:
+            parts = [p.image_transform(_burn(ref.caption)) if ref.caption else p
+                     for ref, p in zip(clips, parts, strict=True)]
         if crossfade_s > 0 and len(parts) > 1:
             parts = [parts[0]] + [p.with_effects([vfx.CrossFadeIn(crossfade_s)])
                                   for p in parts[1:]]
             joined = concatenate_videoclips(parts, method="compose", padding=-crossfade_s)
         else:
             joined = concatenate_videoclips(parts, method="chain")
+        if output_fps and output_fps > fps:
+            joined = _interpolated(joined, fps, output_fps)
         with atomic_path(out) as tmp:
-            joined.write_videofile(str(tmp), fps=fps, threads=2, **H264)
+            joined.write_videofile(str(tmp), fps=output_fps or fps, threads=2, **H264)
     finally:
         for c in opened:
             c.close()

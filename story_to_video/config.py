@@ -86,6 +86,9 @@ class VideoSettings(BaseModel):
     fps: int = Field(default=16, ge=4, le=60)
     max_shots_per_scene: int = Field(default=3, ge=1, le=8)
     crossfade_s: float = Field(default=0.0, ge=0, le=2, description="overlap between shots")
+    burn_captions: bool = Field(default=False, description="shot text burnt into final.mp4")
+    output_fps: int | None = Field(default=None, ge=4, le=120,
+                                   description="interpolate final.mp4 up to this fps")
     seed: int | None = Field(default=None, ge=0, description="base seed; None = derived from idea")
 
 

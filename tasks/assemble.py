@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from story_to_video.assembly import ClipRef, assemble, srt
 from story_to_video.atomic import write_json_atomic, write_text_atomic
+from story_to_video.config import VideoSettings
 from story_to_video.models import ShotPlan
 from story_to_video.run import RunFolder
 
@@ -17,12 +18,16 @@ from story_to_video.run import RunFolder
 @task(name="assemble", cache_policy=NO_CACHE)
 def assemble_video(
     folder: RunFolder, plan: ShotPlan, records: list[dict[str, Any]], run_info: dict[str, Any],
-    crossfade_s: float = 0.0,
+    video: VideoSettings | None = None,
 ) -> str:
     log = get_run_logger()
-    refs = [ClipRef(folder.clips / r["clip"], r["frames"], r["fps"]) for r in records]
-    info = assemble(refs, folder.final_path, fps=plan.shots[0].fps, crossfade_s=crossfade_s)
+    video = video or VideoSettings()
     actions = {s.id: s.action for s in plan.shots}
+    refs = [ClipRef(folder.clips / r["clip"], r["frames"], r["fps"], actions[r["shot_id"]])
+            for r in records]
+    info = assemble(refs, folder.final_path, fps=plan.shots[0].fps,
+                    crossfade_s=video.crossfade_s, burn_captions=video.burn_captions,
+                    output_fps=video.output_fps)
     write_text_atomic(folder.final_path.with_suffix(".srt"), srt(
         [(actions[r["shot_id"]], r["frames"], r["fps"]) for r in records]))
     manifest = {

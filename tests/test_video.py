@@ -99,3 +99,17 @@ def test_crossfade_overlaps_neighbours(tmp_path: Path) -> None:
                     33, 16) for i in range(3)]
     info = assemble(refs, tmp_path / "x.mp4", fps=16, crossfade_s=0.5)
     assert info.frames == 99 - 2 * 8  # two overlaps of 8 frames
+
+
+def test_captions_burnt_in_and_interpolated_fps(tmp_path: Path) -> None:
+    a = PreviewEngine().render(shot(0, camera="static"), tmp_path / "a.mp4")
+    plain = assemble([ClipRef(a.path, 33, 16)], tmp_path / "p.mp4", fps=16)
+    cap = assemble([ClipRef(a.path, 33, 16, "THE WHALE SINGS AT DAWN")], tmp_path / "c.mp4",
+                   fps=16, burn_captions=True)
+    assert plain.frames == cap.frames == 33
+    band = slice(150, 192)  # bottom band: captions there, untouched above
+    diff = np.abs(read_frame(tmp_path / "c.mp4", 10).astype(int)
+                  - read_frame(tmp_path / "p.mp4", 10))
+    assert diff[band].mean() > 3 and diff[:100].mean() < 2
+    up = assemble([ClipRef(a.path, 33, 16)], tmp_path / "u.mp4", fps=16, output_fps=32)
+    assert up.fps == 32.0 and up.frames == 66
