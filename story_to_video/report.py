@@ -22,8 +22,12 @@ def contact_sheet(clips: list[tuple[str, Path, int]], out: Path, thumb_w: int = 
     for shot_id, path, frames in clips:
         img = Image.fromarray(read_frame(path, frames // 2))
         img.thumbnail((thumb_w, thumb_w))
-        ImageDraw.Draw(img).text((4, 4), shot_id, fill=(255, 255, 0),
-                                 font=ImageFont.load_default(size=14))
+        draw = ImageDraw.Draw(img)  # label bottom-right, clear of the clip's own text
+        font = ImageFont.load_default(size=14)
+        x0, y0, x1, y1 = draw.textbbox((0, 0), shot_id, font=font)
+        x, y = img.width - (x1 - x0) - 6, img.height - (y1 - y0) - 12
+        draw.rectangle((x - 3, y - 2, img.width, img.height), fill=(0, 0, 0))
+        draw.text((x, y - y0), shot_id, fill=(255, 255, 0), font=font)
         thumbs.append(img)
     cols = min(4, len(thumbs))
     rows = -(-len(thumbs) // cols)
