@@ -76,7 +76,7 @@ def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path
     monitor: GpuMonitor = (NoGpuMonitor("preview engine: no GPU work") if engine.is_preview
                            else open_monitor(settings.broker.gpu_index))
     log.info("GPU: %s", monitor.describe())
-    fallback = None
+    sampler = VramSampler(monitor, settings.broker.sample_interval_s)
     broker = None
     if isinstance(engine, ComfyUIEngine):
         client = engine.client
@@ -85,7 +85,8 @@ def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path
             dev = client.system_stats()["devices"][0]
             return ((dev["vram_total"] - dev["vram_free"]) / GIB, dev["vram_free"] / GIB)
 
-        fallback = from_system_stats
+        sampler.fallback = from_system_stats
+        engine.timeline = sampler.timeline
         calibration_file = run_dir.parent / f".broker-calibration-{engine.bound.binding.model}.json"
         calibration = Calibration.load(calibration_file)
         cost = CostModel.for_model(engine.bound.binding.model, calibration)
@@ -95,9 +96,6 @@ def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path
                         leak_threshold_gib=settings.broker.leak_threshold_gib,
                         llm=llm_control(settings))
         engine.broker = broker
-    sampler = VramSampler(monitor, settings.broker.sample_interval_s, fallback)
-    if isinstance(engine, ComfyUIEngine):
-        engine.timeline = sampler.timeline
     with sampler:
         yield GpuSession(broker, sampler)
     if broker is not None and broker.acts:

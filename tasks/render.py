@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
 from story_to_video.atomic import write_json_atomic
-from story_to_video.engines.base import Progress, VideoEngine
+from story_to_video.engines.base import ClipResult, Progress, VideoEngine
 from story_to_video.engines.comfyui.errors import (
     ComfyUIDied,
     ComfyUIUnavailable,
@@ -96,6 +96,20 @@ def render_shot(engine: VideoEngine, shot: Shot, folder: RunFolder,
         release(lock)
 
 
+def save_record(folder: RunFolder, shot: Shot, key: str, result: ClipResult,
+                started: float) -> dict[str, Any]:
+    """The finished shot's record, written atomically beside its clip."""
+    record = {
+        "shot_id": shot.id, "key": key, "clip": result.path.name, "frames": result.frames,
+        "fps": result.fps, "width": result.width, "height": result.height,
+        "seconds": round(result.seconds, 3), "engine": result.engine,
+        "preview": result.preview, "cached": result.cached, "started_at": started,
+        "details": result.details,
+    }
+    write_json_atomic(folder.record_path(shot, key), record)
+    return record
+
+
 def _render(engine: VideoEngine, shot: Shot, folder: RunFolder, key: str) -> dict[str, Any]:
     log = get_run_logger()
     check_disk(folder, shot)
@@ -107,14 +121,7 @@ def _render(engine: VideoEngine, shot: Shot, folder: RunFolder, key: str) -> dic
     out = folder.clip_path(shot, key)
     started = time.time()
     result = engine.render(shot, out, progress)
-    record = {
-        "shot_id": shot.id, "key": key, "clip": out.name, "frames": result.frames,
-        "fps": result.fps, "width": result.width, "height": result.height,
-        "seconds": round(result.seconds, 3), "engine": result.engine,
-        "preview": result.preview, "cached": result.cached, "started_at": started,
-        "details": result.details,
-    }
-    write_json_atomic(folder.record_path(shot, key), record)
+    record = save_record(folder, shot, key, result, started)
     label = "PREVIEW clip" if result.preview else "clip"
     log.info("%s: %s %s in %.1fs%s", shot.id, label, out.name, result.seconds,
              " (from engine cache)" if result.cached else "")
@@ -143,13 +150,9 @@ def render_shots_pass_major(engine: VideoEngine, shots: list[Shot], folder: RunF
             check_disk(folder, s)
         log.info("pass-major batch of %d shots: each expert loads once", len(mine))
         outs = [folder.clip_path(s, keys[s.id]) for s in mine]
+        started = time.time()
         for s, result in zip(mine, engine.render_pass_major(mine, outs), strict=True):
-            write_json_atomic(folder.record_path(s, keys[s.id]), {
-                "shot_id": s.id, "key": keys[s.id], "clip": result.path.name,
-                "frames": result.frames, "fps": result.fps, "width": result.width,
-                "height": result.height, "seconds": round(result.seconds, 3),
-                "engine": result.engine, "preview": False, "cached": False,
-                "started_at": time.time(), "details": result.details})
+            save_record(folder, s, keys[s.id], result, started)
         return len(mine)
     finally:
         for s in mine:

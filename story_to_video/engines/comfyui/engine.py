@@ -80,17 +80,21 @@ class ComfyUIEngine:
         extra = json.dumps(self.extra_inputs, sort_keys=True, default=str).encode()
         return f"comfyui-{self.bound.fingerprint()}-{hashlib.sha256(extra).hexdigest()[:8]}"
 
+    def _start_server(self) -> bool:
+        """Start (or attach to) ComfyUI once; True the first time."""
+        if self._started:
+            return False
+        self.server.start()
+        self._started = True
+        return True
+
     def _ensure_started(self) -> None:
-        if not self._started:
-            self.server.start()
-            self._started = True
+        if self._start_server():
             self.preflight()  # a missing node or model file: one clear error, no GPU time
 
     def check(self) -> EngineStatus:
         try:
-            if not self._started:
-                self.server.start()
-                self._started = True
+            self._start_server()
             stats = self.client.system_stats()
             problems = self.bound.online_problems(self.client.object_info())
         except ComfyUIError as err:
