@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
+import socket
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +16,7 @@ from prefect.concurrency.sync import concurrency
 
 from resource_broker.broker import Broker
 from resource_broker.cost_model import Calibration, CostModel
-from resource_broker.gpu import GIB, GpuMonitor, NoGpuMonitor, open_monitor
+from resource_broker.gpu import GIB, GpuMonitor, GpuUnavailable, NoGpuMonitor, open_monitor
 from resource_broker.llm_control import (
     LLMControl,
     LMStudioControl,
@@ -24,6 +28,7 @@ from resource_broker.timeline import VramSampler
 from story_to_video.config import Settings
 from story_to_video.engines.base import VideoEngine
 from story_to_video.engines.comfyui import ComfyUIEngine
+from story_to_video.engines.comfyui.server_info import ServerInfo
 
 log = logging.getLogger("resource_broker.session")
 
@@ -39,28 +44,102 @@ def llm_control(settings: Settings) -> LLMControl:
     return UncontrolledLLM(cfg.backend, gib)
 
 
-def ensure_gpu_limit(name: str) -> None:
-    """Create the global concurrency limit `gpu-N` (1 slot) if it does not exist yet."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists
+def gpu_limit_name(index: int) -> str:
+    """The Prefect limit that mirrors one card: named per host, since GPU 0 of one host is
+    not GPU 0 of another."""
+    host = "".join(ch if ch.isalnum() else "-" for ch in socket.gethostname().lower())
+    return f"gpu-{host}-{index}"
 
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
-        client.create_global_concurrency_limit(
-            GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+def ensure_gpu_limit(name: str) -> None:
+    """Create the global concurrency limit (1 slot) if it does not exist yet, and clear
+    slots left occupied by a killed run. Only called while holding the card's host lock, so
+    any occupied slot belongs to a process that is gone (Prefect's lease repossessor does
+    not run in every server mode, and its leases live in the server's memory)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:  # read first: a failed create logs a traceback on the server
+            with contextlib.suppress(ObjectAlreadyExists):  # another worker was faster
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1))
+            return
+        if limit.active_slots:
+            log.warning("concurrency limit %s had %d slot(s) held by a run that is gone; "
+                        "released", name, limit.active_slots)
+            client.update_global_concurrency_limit(
+                name, GlobalConcurrencyLimitUpdate(active_slots=0))
+
+
+@contextlib.contextmanager
+def host_gpu_lock(index: int, lock_dir: Path | None = None) -> Iterator[None]:
+    """One heavy job per card on this host: an exclusive lock the kernel releases when the
+    holder dies, so a run killed at 3 a.m. never blocks the next one."""
+    folder = lock_dir or Path(tempfile.gettempdir()) / "story-to-video"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"gpu-{index}.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            log.info("GPU %d is busy (%s); waiting for it", index,
+                     fh.read().strip() or "held by another run")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def prefect_api_configured() -> bool:
+    """A real Prefect server (workers, the UI); not the temporary one of a local run."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
 
 
 @contextlib.contextmanager
 def gpu_slot(settings: Settings, engine: VideoEngine) -> Iterator[None]:
-    """Hold the per-GPU concurrency slot for the video work, so two runs never share a card."""
+    """Hold the card for the video work, so two runs never share it: the host lock always,
+    and the Prefect limit `gpu-<host>-<index>` too when a Prefect server is in use, where
+    the UI shows it."""
     if engine.is_preview or not settings.broker.concurrency_limit:
         yield
         return
-    name = f"gpu-{settings.broker.gpu_index}"
-    ensure_gpu_limit(name)
-    log.info("waiting for concurrency slot %s", name)
-    with concurrency(name, occupy=1):
-        yield
+    index = settings.broker.gpu_index
+    with host_gpu_lock(index):
+        if not prefect_api_configured():
+            yield
+            return
+        name = gpu_limit_name(index)
+        ensure_gpu_limit(name)
+        with concurrency(name, occupy=1):
+            yield
+
+
+def memory_mode(info: ServerInfo) -> str:
+    """Who manages VRAM inside this ComfyUI (resource_broker.policy.MEMORY_MODES)."""
+    if not info.on_gpu:
+        return "cpu"
+    if info.dynamic_vram:
+        return "dynamic"
+    if info.dynamic_vram is None:
+        log.warning("%s: cannot tell whether dynamic VRAM is on; the broker plans as for "
+                    "the classic loader (it never relies on ComfyUI freeing memory)",
+                    info.describe())
+    return "estimate"
 
 
 @dataclass
@@ -83,6 +162,8 @@ def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path
 
         def from_system_stats() -> tuple[float, float]:
             dev = client.system_stats()["devices"][0]
+            if dev.get("type") == "cpu":  # a CPU server reports RAM there, not VRAM
+                raise GpuUnavailable("ComfyUI runs on the CPU: no VRAM to sample")
             return ((dev["vram_total"] - dev["vram_free"]) / GIB, dev["vram_free"] / GIB)
 
         sampler.fallback = from_system_stats
@@ -94,7 +175,9 @@ def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path
                         margin_gib=settings.broker.safety_margin_gib,
                         restart_every_n_scenes=settings.broker.restart_every_n_scenes,
                         leak_threshold_gib=settings.broker.leak_threshold_gib,
-                        llm=llm_control(settings))
+                        llm=llm_control(settings),
+                        memory_mode=memory_mode(engine.server_info()),
+                        strategy=settings.broker.strategy)
         engine.broker = broker
     with sampler:
         yield GpuSession(broker, sampler)

@@ -238,7 +238,9 @@ def _pool_status(settings: Settings) -> str:
         if "story-to-video" not in pools:
             raise RuntimeError("work pool 'story-to-video' missing: prefect work-pool create "
                                "story-to-video --type process")
-        name = f"gpu-{settings.broker.gpu_index}"
+        from flows.gpu import gpu_limit_name
+
+        name = gpu_limit_name(settings.broker.gpu_index)
         limits = {g.name: g.limit for g in client.read_global_concurrency_limits()}
     have = f"limit {name}={limits[name]}" if name in limits else \
         f"limit {name} will be created on the first GPU run"
