@@ -91,8 +91,9 @@ def make_video(
                     plan = plan_shots(backend, folder, story, settings.llm, settings.video)
                 # Leaving the block stopped an embedded LLM: its VRAM is free for video.
 
-    video = make_engine(settings, plan)
+    video = make_engine(settings, plan, folder.root)
     try:
+        video.check_shots(plan.shots)  # e.g. image-to-video without start images: stop now
         with gpu_slot(settings, video), gpu_session(settings, video, folder.root) as gpu:
             records = render_all(video, plan, folder, gpu, settings.comfyui.pass_major)
             plot = gpu.sampler.timeline.plot(folder.root / "vram-timeline.png",

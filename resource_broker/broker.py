@@ -44,8 +44,11 @@ class DecodeChoice:
 class Broker:
     def __init__(self, monitor: GpuMonitor, cost: CostModel, *, budget_gib: float | None,
                  margin_gib: float = 1.0, restart_every_n_scenes: int = 0,
-                 leak_threshold_gib: float = 1.5, llm: LLMControl | None = None) -> None:
+                 leak_threshold_gib: float = 1.5, llm: LLMControl | None = None,
+                 memory_mode: str = "estimate", strategy: str = "auto") -> None:
         self.monitor, self.cost = monitor, cost
+        self.memory_mode = memory_mode  # who manages VRAM in ComfyUI (policy.MEMORY_MODES)
+        self.strategy = strategy
         self.margin_gib = margin_gib
         self.restart_every = restart_every_n_scenes
         self.leak_threshold_gib = leak_threshold_gib
@@ -93,7 +96,8 @@ class Broker:
         try:
             p = plan_shot(self.cost, frames, width, height, budget_gib=self.budget_gib,
                           margin_gib=self.margin_gib, llm_gib=llm_gib,
-                          llm_controllable=controllable)
+                          llm_controllable=controllable, memory_mode=self.memory_mode,
+                          strategy=self.strategy)
         except BudgetTooSmall as err:
             self.record(BrokerEvent("plan", "refuse", 0.0, self.free_gib(), str(err),
                                     "stopped before any GPU work", shot_id))
@@ -156,6 +160,10 @@ class Broker:
         c = self.cost.shot(p.frames, p.width, p.height)
         need_full = (c.vae_weights + c.decode_full) / GIB + self.margin_gib
         free = self.free_gib()
+        if self.memory_mode != "estimate":  # ComfyUI sizes (and chunks) its own decode
+            self.record(BrokerEvent("decode", planned.action, planned.predicted_gib, free,
+                                    planned.reason, "left to ComfyUI", shot_id))
+            return DecodeChoice(False, False, {})
         if free is None:  # no GPU or no reading: follow the plan
             tiled = "tiled" in planned.action
             self.record(BrokerEvent("decode", planned.action, planned.predicted_gib, None,
@@ -196,23 +204,18 @@ class Broker:
     # -- ComfyUI health between shots --------------------------------------------------------
     def between_shots(self, scene_index: int, shot_id: str, free_memory: Callable[[], None],
                       restart: Callable[[str], None] | None) -> str | None:
-        """After a shot: free ComfyUI's memory, then restart it every N scenes or when free
-        VRAM after /free crept below the baseline. Returns the restart reason, if any."""
-        if not self.acts:
-            return None
-        free_memory()
-        free = self.free_gib()
-        if free is None:
-            return None
-        if self.baseline_free_gib is None:
-            self.baseline_free_gib = free
-        reason = None
+        """After a shot: restart ComfyUI every N scenes (a schedule needs no VRAM reading),
+        or when free VRAM after /free crept below the baseline (only where VRAM is read).
+        Returns the restart reason, if any."""
         new_scene = scene_index not in self._scenes_done
         self._scenes_done.add(scene_index)
+        reason = None
         if (self.restart_every and new_scene and len(self._scenes_done) > 1
                 and (len(self._scenes_done) - 1) % self.restart_every == 0):
             reason = f"scheduled: every {self.restart_every} scene(s)"
-        elif self.baseline_free_gib - free > self.leak_threshold_gib:
+        free = self._free_after_release(free_memory) if self.acts else None
+        if reason is None and free is not None and self.baseline_free_gib is not None \
+                and self.baseline_free_gib - free > self.leak_threshold_gib:
             reason = (f"memory creep: {free:.2f} GiB free after /free vs baseline "
                       f"{self.baseline_free_gib:.2f} GiB (> {self.leak_threshold_gib} GiB)")
         if reason is None:
@@ -224,8 +227,16 @@ class Broker:
         restart(reason)
         after = self.free_gib()
         self.record(BrokerEvent("restart", "restart-comfyui", 0.0, free, reason,
-                                f"restarted; {after if after is not None else 0:.2f} GiB free",
-                                shot_id))
+                                "restarted" + (f"; {after:.2f} GiB free" if after is not None
+                                               else " (no VRAM reading)"), shot_id))
         if after is not None:
             self.baseline_free_gib = after
         return reason
+
+    def _free_after_release(self, free_memory: Callable[[], None]) -> float | None:
+        """Free VRAM once ComfyUI let go of its models; the first reading is the baseline."""
+        free_memory()
+        free = self.free_gib()
+        if free is not None and self.baseline_free_gib is None:
+            self.baseline_free_gib = free
+        return free

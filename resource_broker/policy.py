@@ -63,10 +63,24 @@ class BrokerPlan:
         return d
 
 
+MEMORY_MODES = ("estimate", "dynamic", "cpu")
+STRATEGIES = ("auto", "one-prompt", "staged")
+
+
 def plan_shot(model: CostModel, frames: int, width: int, height: int, *, budget_gib: float,
               margin_gib: float = 1.0, llm_gib: float = 0.0,
-              llm_controllable: bool = True) -> BrokerPlan:
-    """Decide expert residency, block swap, decode mode and LLM placement for one shot."""
+              llm_controllable: bool = True, memory_mode: str = "estimate",
+              strategy: str = "auto") -> BrokerPlan:
+    """Decide expert residency, block swap, decode mode and LLM placement for one shot.
+
+    memory_mode says who manages VRAM inside ComfyUI: "estimate" (the classic loader: the
+    broker plans experts and decode), "dynamic" (ComfyUI 0.33's dynamic VRAM: measured to
+    beat every split, so the broker steps aside and keeps ComfyUI's models loaded), "cpu"
+    (no VRAM at all). `strategy` forces one-prompt or staged rendering."""
+    if memory_mode not in MEMORY_MODES:
+        raise ValueError(f"memory_mode must be one of {', '.join(MEMORY_MODES)}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
     c = model.shot(frames, width, height)
     budget, margin = int(budget_gib * GIB), int(margin_gib * GIB)
     llm = int(llm_gib * GIB)
@@ -75,17 +89,47 @@ def plan_shot(model: CostModel, frames: int, width: int, height: int, *, budget_
     decisions: list[Decision] = []
     peaks: dict[str, int] = {}
 
-    experts, expert_peak = _experts(model, c, usable, margin, decisions)
+    if memory_mode != "estimate" and strategy != "staged":
+        experts, expert_peak = _managed(model, c, usable, memory_mode, strategy, decisions)
+    elif strategy == "staged" and model.spec.experts == 2:
+        one = c.expert + c.activations + c.context
+        decisions.append(Decision("experts", "unload-high-before-low", gib(one), gib(usable),
+                                  "staged rendering forced by broker.strategy"))
+        experts, expert_peak = c.expert, one
+    elif strategy == "one-prompt":
+        experts, expert_peak = _managed(model, c, usable, memory_mode, strategy, decisions)
+    else:
+        experts, expert_peak = _experts(model, c, usable, margin, decisions)
     peaks["high"] = expert_peak
     peaks["low"] = expert_peak
-    peaks["encode"] = _encode(c, usable, margin, decisions)
-    peaks["decode"] = _decode(model, c, usable, margin, experts, decisions)
+    if memory_mode == "estimate":
+        peaks["encode"] = _encode(c, usable, margin, decisions)
+        peaks["decode"] = _decode(model, c, usable, margin, experts, decisions)
+    else:
+        peaks["encode"], peaks["decode"] = _left_to_comfyui(c, usable, memory_mode, decisions)
     video_peak = max(peaks.values())
     decisions.insert(0, _llm(llm, video_peak, budget, margin, llm_controllable))
     if not llm_controllable:
         peaks = {k: v + llm for k, v in peaks.items()}
     return BrokerPlan(model.spec.name, frames, width, height, budget_gib, margin_gib,
                       llm_gib, c.gib(), decisions, {k: gib(v) for k, v in peaks.items()})
+
+
+def _managed(model: CostModel, c: ShotCost, usable: int, memory_mode: str, strategy: str,
+             out: list[Decision]) -> tuple[int, int]:
+    """One prompt per shot; ComfyUI loads, offloads and keeps its models itself."""
+    resident = min(model.spec.experts * c.expert, max(usable - c.activations - c.context,
+                                                         c.expert))
+    peak = resident + c.activations + c.context
+    why = {"dynamic": "ComfyUI's dynamic VRAM streams the experts and keeps them between "
+                      "shots; measured faster than any split (README, GPU broker table)",
+           "cpu": "ComfyUI runs on the CPU: no VRAM to manage",
+           "estimate": "one prompt per shot, forced by broker.strategy"}[memory_mode]
+    if strategy == "one-prompt" and memory_mode != "estimate":
+        why = "one prompt per shot, forced by broker.strategy; " + why
+    out.append(Decision("experts", "one-prompt", gib(peak), gib(usable), why,
+                        {"managed_by": "comfyui" if memory_mode != "estimate" else "broker"}))
+    return resident, peak
 
 
 def _experts(model: CostModel, c: ShotCost, usable: int, margin: int,
@@ -124,6 +168,20 @@ def _experts(model: CostModel, c: ShotCost, usable: int, margin: int,
                         {"blocks_to_swap": n - 1, "unload_high_before_low":
                             model.spec.experts == 2}))
     return resident, peak
+
+
+def _left_to_comfyui(c: ShotCost, usable: int, memory_mode: str, out: list[Decision]
+                     ) -> tuple[int, int]:
+    """With dynamic VRAM (or no GPU) ComfyUI places the text encoder and sizes the decode
+    itself: a 1280x720x161 decode with 14 GiB free ran in 11.3 s, chunked by ComfyUI."""
+    who = "ComfyUI's dynamic VRAM" if memory_mode == "dynamic" else "the CPU server"
+    enc = c.text_encoder + c.context
+    out.append(Decision("encode", "text-encoder-default", gib(enc), gib(usable),
+                        f"{who} places the text encoder"))
+    full = c.vae_weights + c.decode_full + c.context
+    out.append(Decision("decode", "decode-full", gib(full), gib(usable),
+                        f"{who} sizes the decode (it chunks it when memory is short)"))
+    return enc, full
 
 
 def _encode(c: ShotCost, usable: int, margin: int, out: list[Decision]) -> int:

@@ -105,6 +105,10 @@ class ComfyUISettings(BaseModel):
     shot_timeout_s: float = Field(default=3600.0, gt=0)
     pass_major: bool = Field(default=False, description="all high passes, then all low, then "
                              "all decodes: each expert loads once per run")
+    force_fresh: bool = Field(default=False, description="reset ComfyUI's cache before each "
+                              "shot, so nothing is answered from it")
+    decode: Literal["auto", "full", "tiled"] = Field(
+        default="auto", description="auto: the broker decides per shot; full or tiled: always")
 
 
 class BrokerSettings(BaseModel):
@@ -117,6 +121,9 @@ class BrokerSettings(BaseModel):
     sample_interval_s: float = Field(default=0.5, gt=0)
     llm_gib: float = Field(default=0.0, ge=0, description="VRAM the LLM holds, if not measured")
     concurrency_limit: bool = Field(default=True, description="one heavy job per GPU")
+    strategy: Literal["auto", "one-prompt", "staged"] = Field(
+        default="auto", description="auto: from the ComfyUI in use and the measurements; "
+        "one-prompt or staged (high pass, low pass, decode as three prompts): always")
 
 
 class Settings(BaseSettings):

@@ -139,6 +139,10 @@ def render_shots_pass_major(engine: VideoEngine, shots: list[Shot], folder: RunF
         log.warning("pass-major batching needs the ComfyUI engine with a two-expert workflow;"
                     " rendering clip by clip")
         return 0
+    refusal = engine.pass_major_refusal(len(shots))
+    if refusal:
+        log.warning("pass-major batching skipped: %s; rendering clip by clip", refusal)
+        return 0
     keys = {s.id: folder.shot_key(s, engine.fingerprint()) for s in shots}
     pending = [s for s in shots if folder.finished_record(s, keys[s.id]) is None]
     locks = {s.id: folder.clip_path(s, keys[s.id]).with_suffix(".claim") for s in pending}
@@ -153,6 +157,8 @@ def render_shots_pass_major(engine: VideoEngine, shots: list[Shot], folder: RunF
         started = time.time()
         for s, result in zip(mine, engine.render_pass_major(mine, outs), strict=True):
             save_record(folder, s, keys[s.id], result, started)
+            log.info("%s: clip %s, %.1fs of its own prompts%s", s.id, result.path.name,
+                     result.seconds, " (from engine cache)" if result.cached else "")
         return len(mine)
     finally:
         for s in mine:

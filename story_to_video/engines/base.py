@@ -60,6 +60,10 @@ class VideoEngine(Protocol):
 
     def check(self) -> EngineStatus: ...
 
+    def check_shots(self, shots: list[Shot]) -> None:
+        """Refuse, before any work, shots this engine cannot render (VideoEngineError)."""
+        ...
+
     def render(
         self, shot: Shot, out_path: Path, progress: ProgressCallback | None = None
     ) -> ClipResult: ...

@@ -130,6 +130,9 @@ class PreviewEngine:
     def check(self) -> EngineStatus:
         return EngineStatus(True, "preview engine (animatic clips, no GPU, no model weights)")
 
+    def check_shots(self, shots: list[Shot]) -> None:
+        return None  # any shot can be drawn
+
     def render(
         self, shot: Shot, out_path: Path, progress: ProgressCallback | None = None
     ) -> ClipResult:

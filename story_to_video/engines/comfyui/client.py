@@ -47,10 +47,18 @@ class Execution:
     outputs: dict[str, Any] = field(default_factory=dict)
     reconnects: int = 0
     node_seconds: dict[str, float] = field(default_factory=dict)
+    nodes: set[str] = field(default_factory=set)  # every node of the prompt
 
     @property
     def seconds(self) -> float:
         return (self.finished or time.monotonic()) - self.started
+
+    @property
+    def fully_cached(self) -> bool:
+        """ComfyUI answered every node from its cache: nothing was computed now. Decided from
+        `execution_cached`, never from timing (a real decode sends no progress and can take
+        under a second)."""
+        return bool(self.nodes) and self.nodes <= self.cached_nodes
 
 
 class ComfyUIClient:
@@ -167,7 +175,7 @@ class ComfyUIClient:
         sockets = [self.open_socket(attempts=3)]
         try:
             prompt_id = self.submit(prompt)
-            execution = Execution(prompt_id)
+            execution = Execution(prompt_id, nodes=set(prompt))
             self._follow(sockets, execution, on_event, stall_timeout_s, total_timeout_s, alive)
         finally:
             for ws in sockets:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,9 +17,17 @@ from ...models import Shot
 from ..base import ClipResult, EngineStatus, Progress, ProgressCallback
 from ..video_io import probe
 from .client import ComfyUIClient, Execution
-from .errors import ComfyUIDied, ComfyUIError, GpuOutOfMemory, StallError, WorkflowError
-from .graph import Stage, split_stages, use_tiled_decode
+from .errors import (
+    ComfyUIDied,
+    ComfyUIError,
+    ComfyUIUnavailable,
+    GpuOutOfMemory,
+    StallError,
+    WorkflowError,
+)
+from .graph import Stage, place_text_encoder, split_stages, use_tiled_decode
 from .process import AttachedComfyUI, ComfyUIProcess, ComfyUIServer
+from .server_info import ServerInfo
 from .workflow import BoundWorkflow
 
 if TYPE_CHECKING:
@@ -27,8 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".gif", ".webp")
-# A "generation" this fast, with no sampler progress, was answered from ComfyUI's cache.
-CACHED_SECONDS = 1.0
+# Handed-over latents live here in ComfyUI's output folder, and as stv_*.latent in its input.
+LATENT_SUBFOLDER = "stv-latents"
+LEFTOVER_AGE_S = 6 * 3600  # latents older than this on start are from crashed runs
 
 
 def output_file(outputs: dict[str, Any], node: str) -> dict[str, Any]:
@@ -42,21 +53,55 @@ def output_file(outputs: dict[str, Any], node: str) -> dict[str, Any]:
     raise ComfyUIError(f"output node {node} reported no video file (outputs: {node_out})")
 
 
+@dataclass
+class ShotRun:
+    """Everything ComfyUI did for one shot: its prompts, in order, and the files it left."""
+
+    shot: Shot
+    executions: list[tuple[str, Execution]] = field(default_factory=list)  # (stage, ex)
+    files: list[tuple[str, str]] = field(default_factory=list)  # (kind, relative path)
+
+    @property
+    def seconds(self) -> float:
+        return sum(ex.seconds for _, ex in self.executions)
+
+    @property
+    def cached(self) -> bool:
+        """Cached only when every stage was answered wholly from ComfyUI's cache."""
+        return bool(self.executions) and all(ex.fully_cached for _, ex in self.executions)
+
+    def details(self) -> dict[str, Any]:
+        last = self.executions[-1][1]
+        return {"prompt_ids": {stage: ex.prompt_id for stage, ex in self.executions},
+                "prompt_id": last.prompt_id,
+                "reconnects": sum(ex.reconnects for _, ex in self.executions),
+                "node_seconds": {nid: round(s, 3) for _, ex in self.executions
+                                 for nid, s in ex.node_seconds.items()},
+                "cached_nodes": sorted({n for _, ex in self.executions
+                                        for n in ex.cached_nodes}),
+                "stage_seconds": {stage: round(ex.seconds, 2)
+                                  for stage, ex in self.executions}}
+
+
 class ComfyUIEngine:
     name = "comfyui"
     is_preview = False
 
     def __init__(self, client: ComfyUIClient, bound: BoundWorkflow, server: ComfyUIServer, *,
                  stall_timeout_s: float = 600.0, shot_timeout_s: float = 3600.0,
-                 max_restarts_per_shot: int = 1, force_fresh: bool = False) -> None:
+                 max_restarts_per_shot: int = 1, force_fresh: bool = False,
+                 decode: str = "auto") -> None:
         self.client, self.bound, self.server = client, bound, server
         self.stall_timeout_s, self.shot_timeout_s = stall_timeout_s, shot_timeout_s
         self.max_restarts_per_shot = max_restarts_per_shot
         self.force_fresh = force_fresh
+        self.decode = decode  # "auto" (the broker decides), "full" or "tiled"
         self._started = False
         self.extra_inputs: dict[str, Any] = {}
         self.broker: Broker | None = None
         self.timeline: Timeline | None = None
+        self.info: ServerInfo | None = None
+        self._leftover_files = 0
 
     @staticmethod
     def from_settings(settings: Settings, log_dir: Path | None = None) -> ComfyUIEngine:
@@ -73,13 +118,15 @@ class ComfyUIEngine:
             server = AttachedComfyUI(cfg.url)
         return ComfyUIEngine(ComfyUIClient(cfg.url), bound, server,
                              stall_timeout_s=cfg.stall_timeout_s,
-                             shot_timeout_s=cfg.shot_timeout_s)
+                             shot_timeout_s=cfg.shot_timeout_s, force_fresh=cfg.force_fresh,
+                             decode=cfg.decode)
 
     def fingerprint(self) -> str:
         # Stable across processes (resume keys): no hash(), which Python salts per process.
         extra = json.dumps(self.extra_inputs, sort_keys=True, default=str).encode()
         return f"comfyui-{self.bound.fingerprint()}-{hashlib.sha256(extra).hexdigest()[:8]}"
 
+    # -- start and checks ------------------------------------------------------------------
     def _start_server(self) -> bool:
         """Start (or attach to) ComfyUI once; True the first time."""
         if self._started:
@@ -91,6 +138,14 @@ class ComfyUIEngine:
     def _ensure_started(self) -> None:
         if self._start_server():
             self.preflight()  # a missing node or model file: one clear error, no GPU time
+            self.info = ServerInfo.from_system_stats(self.client.system_stats())
+            log.info("%s", self.info.describe())
+            self._sweep_leftovers()
+
+    def server_info(self) -> ServerInfo:
+        self._ensure_started()
+        assert self.info is not None
+        return self.info
 
     def check(self) -> EngineStatus:
         try:
@@ -101,9 +156,9 @@ class ComfyUIEngine:
             return EngineStatus(False, str(err))
         if problems:
             return EngineStatus(False, "; ".join(problems))
-        dev = (stats.get("devices") or [{}])[0]
-        return EngineStatus(True, f"ComfyUI at {self.client.url} ({dev.get('name', '?')}), "
-                                  f"workflow {Path(self.bound.source).name} checks out")
+        info = ServerInfo.from_system_stats(stats)
+        return EngineStatus(True, f"{info.describe()} at {self.client.url}, workflow "
+                                  f"{Path(self.bound.source).name} checks out")
 
     def preflight(self) -> None:
         """Refuse before any GPU time when a class, input or model file is missing."""
@@ -111,6 +166,25 @@ class ComfyUIEngine:
         if not status.ok:
             raise WorkflowError(status.detail)
 
+    def check_shots(self, shots: list[Shot]) -> None:
+        """Refuse a plan this workflow cannot render, before any work: an image-to-video
+        workflow needs a start image for every shot."""
+        if "start_image" not in self.bound.binding.inputs:
+            return
+        missing = [s.id for s in shots if not s.start_image]
+        if missing:
+            raise WorkflowError(
+                f"workflow {Path(self.bound.source).name} starts every clip from an image, but "
+                f"shot{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                f"{'have' if len(missing) > 1 else 'has'} no start image: set "
+                "video.start_images (or give start_image per shot), or use a text-to-video "
+                "workflow such as wan22_14b_t2v")
+        for s in shots:
+            assert s.start_image is not None
+            if not Path(s.start_image).is_file():
+                raise WorkflowError(f"shot {s.id}: start image {s.start_image} does not exist")
+
+    # -- one shot ----------------------------------------------------------------------------
     def render(self, shot: Shot, out_path: Path,
                progress: ProgressCallback | None = None) -> ClipResult:
         try:
@@ -126,29 +200,64 @@ class ComfyUIEngine:
     def _render(self, shot: Shot, out_path: Path,
                 progress: ProgressCallback | None) -> ClipResult:
         self._ensure_started()
+        self.check_shots([shot])
         t_start = self._now()
-        prompt = self.bound.bind(shot, **self.extra_inputs)
-        if shot.start_image and "start_image" in self.bound.binding.inputs:
-            name = self.client.upload_image(Path(shot.start_image))
-            for node, inp in self.bound.binding.inputs["start_image"]:
-                prompt[node]["inputs"][inp] = name
         if self.force_fresh:
             self.client.free(unload_models=False, free_memory=True)  # resets ComfyUI's cache
         plan = self.broker.plan(shot.frames, shot.width, shot.height, shot.id) \
             if self.broker else None
-        stage_seconds: dict[str, float] = {}
+        prompt = self._prompt(shot, plan)
+        run = ShotRun(shot)
+        try:
+            if plan is not None and self._staged(plan, shot.id):
+                self._render_staged(run, prompt, plan, progress)
+            else:
+                prompt = self._apply_planned_decode(prompt, plan, shot)
+                run.executions.append(("all", self._run_with_restarts(shot, prompt, progress)))
+            ex = run.executions[-1][1]
+            self._download(output_file(ex.outputs, self.bound.binding.nodes.output), out_path)
+            self._check_clip(shot, out_path)
+        finally:
+            self._remove_files(run)
+        return self._result(run, out_path, plan, t_start)
+
+    def _result(self, run: ShotRun, out_path: Path, plan: BrokerPlan | None,
+                t_start: float) -> ClipResult:
+        shot = run.shot
+        if run.cached:
+            log.warning("%s: ComfyUI answered every stage from its cache (no node ran); "
+                        "reported as cached, not as a generation", shot.id)
+        details = run.details()
+        if plan is not None and self.broker is not None:
+            details["vram"] = self._vram_record(plan, shot.id, t_start)
+        return ClipResult(path=out_path, frames=shot.frames, fps=shot.fps, width=shot.width,
+                          height=shot.height, seconds=self._now() - t_start,
+                          engine=self.name, preview=False, cached=run.cached, details=details)
+
+    def _prompt(self, shot: Shot, plan: BrokerPlan | None) -> dict[str, Any]:
+        """The shot's workflow: bound values, start image uploaded, broker choices applied."""
+        prompt = self.bound.bind(shot, **self.extra_inputs)
+        if shot.start_image and "start_image" in self.bound.binding.inputs:
+            name = self._upload_input(Path(shot.start_image), "start")
+            for node, inp in self.bound.binding.inputs["start_image"]:
+                prompt[node]["inputs"][inp] = name
         if plan is not None:
             self._apply_block_swap(prompt, plan, shot.id)
-        if plan is not None and self._staged(plan):
-            ex = self._render_staged(shot, prompt, plan, progress, stage_seconds)
-        else:
-            if plan is not None:
-                prompt = self._apply_planned_decode(prompt, plan, shot.id)
-            ex = self._run_with_restarts(shot, prompt, progress)
-            stage_seconds["all"] = round(ex.seconds, 2)
-        cached = self._was_cached(ex)
-        item = output_file(ex.outputs, self.bound.binding.nodes.output)
-        self._download(item, out_path)
+            prompt = self._apply_text_encoder(prompt, plan, shot.id)
+        return prompt
+
+    def _upload_input(self, path: Path, kind: str) -> str:
+        """Upload under a name made from the content: two shots whose images share a file
+        name never overwrite each other, and the same image keeps ComfyUI's cache valid."""
+        data = path.read_bytes()
+        name = f"stv_{kind}_{hashlib.sha256(data).hexdigest()[:16]}{path.suffix.lower()}"
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d) / name
+            tmp.write_bytes(data)
+            return self.client.upload_image(tmp, subfolder="story-to-video")
+
+    @staticmethod
+    def _check_clip(shot: Shot, out_path: Path) -> None:
         got = probe(out_path)
         if got.frames != shot.frames or (got.width, got.height) != (shot.width, shot.height):
             bad = out_path.with_suffix(".unexpected.mp4")
@@ -156,18 +265,6 @@ class ComfyUIEngine:
             raise ComfyUIError(f"{shot.id}: ComfyUI returned {got.frames} frames at "
                                f"{got.width}x{got.height}, expected {shot.frames} at "
                                f"{shot.width}x{shot.height} (kept as {bad.name})")
-        if cached:
-            log.warning("%s: ComfyUI answered from its cache (%.2fs, no sampling); reported "
-                        "as cached, not as a generation", shot.id, ex.seconds)
-        details: dict[str, Any] = {"prompt_id": ex.prompt_id, "reconnects": ex.reconnects,
-                                   "node_seconds": ex.node_seconds,
-                                   "cached_nodes": sorted(ex.cached_nodes),
-                                   "stage_seconds": stage_seconds}
-        if plan is not None and self.broker is not None:
-            details["vram"] = self._vram_record(plan, shot.id, t_start)
-        return ClipResult(path=out_path, frames=shot.frames, fps=shot.fps, width=shot.width,
-                          height=shot.height, seconds=self._now() - t_start,
-                          engine=self.name, preview=False, cached=cached, details=details)
 
     @staticmethod
     def _now() -> float:
@@ -179,149 +276,262 @@ class ComfyUIEngine:
                                           item.get("type", "output")):
                 fh.write(chunk)
 
+    # -- broker choices applied to the graph ------------------------------------------------
+    def _event(self, stage: str, action: str, predicted: float, reason: str, outcome: str,
+               shot_id: str, params: dict[str, Any] | None = None) -> None:
+        assert self.broker is not None
+        from resource_broker.broker import BrokerEvent
+
+        self.broker.record(BrokerEvent(stage, action, predicted, self.broker.free_gib(),
+                                       reason, outcome, shot_id, params or {}))
+
     def _apply_block_swap(self, prompt: dict[str, Any], plan: BrokerPlan, shot_id: str) -> None:
         """Set the block count the broker chose on the workflow's block-swap node, if any."""
         d = plan.decision("experts")
         if d.action != "block-swap" or self.broker is None:
             return
-        from resource_broker.broker import BrokerEvent
-
         n = int(d.params["blocks_to_swap"])
         targets = self.bound.binding.inputs.get("blocks_to_swap", [])
         for node, inp in targets:
             prompt[node]["inputs"][inp] = n
         outcome = (f"set blocks_to_swap={n} on node(s) {', '.join(t[0] for t in targets)}"
                    if targets else "the workflow has no block-swap node bound: relying on "
-                   "ComfyUI's own lowvram offload (start it with --reserve-vram)")
-        self.broker.record(BrokerEvent("experts", "block-swap", d.predicted_gib,
-                                       self.broker.free_gib(), d.reason, outcome, shot_id,
-                                       d.params))
+                   "ComfyUI's own offload")
+        self._event("experts", "block-swap", d.predicted_gib, d.reason, outcome, shot_id,
+                    d.params)
 
-    def _staged(self, plan: BrokerPlan) -> bool:
-        action = plan.decision("experts").action
-        return self.bound.binding.two_expert and action in ("unload-high-before-low",
-                                                            "block-swap")
+    def _apply_text_encoder(self, prompt: dict[str, Any], plan: BrokerPlan,
+                            shot_id: str) -> dict[str, Any]:
+        d = plan.decision("encode")
+        if d.action != "text-encoder-on-cpu" or self.broker is None:
+            return prompt
+        out, nodes = place_text_encoder(prompt, "cpu")
+        outcome = (f"CLIPLoader device=cpu on node(s) {', '.join(nodes)}" if nodes else
+                   "no CLIPLoader in the workflow: not applied")
+        self._event("encode", d.action, d.predicted_gib, d.reason, outcome, shot_id)
+        return out
 
-    def _apply_planned_decode(self, prompt: dict[str, Any], plan: BrokerPlan,
-                              shot_id: str) -> dict[str, Any]:
+    @staticmethod
+    def forced_tiles(shot: Shot) -> dict[str, int]:
+        """comfyui.decode = "tiled": tiles of about half the frame (at least 64 px, at most
+        512), so the decode really runs tile by tile."""
+        tile = max(64, min(512, (min(shot.width, shot.height) // 2) // 32 * 32))
+        return {"tile_size": tile, "overlap": tile // 4, "temporal_size": 8,
+                "temporal_overlap": 4}
+
+    def _apply_planned_decode(self, prompt: dict[str, Any], plan: BrokerPlan | None,
+                              shot: Shot) -> dict[str, Any]:
+        decode, shot_id = self.bound.binding.nodes.decode, shot.id
+        if self.decode == "tiled":
+            return use_tiled_decode(prompt, decode, **self.forced_tiles(shot))
+        if self.decode == "full" or plan is None:
+            return prompt
         d = plan.decision("decode")
-        assert self.broker is not None
-        from resource_broker.broker import BrokerEvent
-
-        self.broker.record(BrokerEvent("decode", d.action, d.predicted_gib,
-                                       self.broker.free_gib(), d.reason,
-                                       "applied to the single-prompt graph", shot_id, d.params))
+        self._event("decode", d.action, d.predicted_gib, d.reason,
+                    "applied to the single-prompt graph", shot_id, d.params)
         if "tiled" in d.action:
-            return use_tiled_decode(prompt, self.bound.binding.nodes.decode,
-                                    **{k: int(d.params[k]) for k in ("tile_size", "overlap",
-                                       "temporal_size", "temporal_overlap")})
+            return use_tiled_decode(prompt, decode, **{k: int(d.params[k]) for k in (
+                "tile_size", "overlap", "temporal_size", "temporal_overlap")})
         return prompt
 
-    def _render_staged(self, shot: Shot, prompt: dict[str, Any], plan: BrokerPlan,
-                       progress: ProgressCallback | None,
-                       stage_seconds: dict[str, float]) -> Execution:
-        """Pass 1 -> latent, unload the high-noise expert, pass 2 -> latent, check decode
-        headroom, decode. Latents travel as files: /view from output, /upload to input."""
-        assert self.broker is not None
+    def _decode_choice(self, wf: dict[str, Any], plan: BrokerPlan, shot: Shot
+                       ) -> dict[str, Any]:
+        """Right before a separate decode prompt: headroom checked now, full or tiled."""
+        decode = self.bound.binding.nodes.decode
+        if self.decode == "tiled":
+            return use_tiled_decode(wf, decode, **self.forced_tiles(shot))
+        if self.decode == "full" or self.broker is None:
+            return wf
+        choice = self.broker.decode_headroom(
+            plan, shot.id, lambda: self.client.free(unload_models=True))
+        return use_tiled_decode(wf, decode, **choice.params) if choice.tiled else wf
+
+    # -- staged and pass-major rendering ------------------------------------------------------
+    def _stages_share_encoder(self, consecutive: bool, shots: int = 1) -> tuple[bool, str]:
+        """Will the later stages find the text encoder's output in ComfyUI's cache? With
+        RAM-pressure caching (0.33's default) yes; with --cache-classic only from the prompt
+        just before; with --cache-lru N when N holds the shots' nodes; --cache-none never."""
+        info = self.info
+        if info is None:
+            return True, "server not read yet"
+        mode = info.cache_mode
+        if mode == "classic":
+            return consecutive, ("classic cache keeps only the previous prompt's outputs"
+                                 + ("" if consecutive else ": a later pass of an earlier shot "
+                                    "would encode its prompt again"))
+        if mode == "lru":
+            need = 20 * shots  # node results of one shot's prompts, generously
+            return info.cache_lru_size >= need, (f"--cache-lru {info.cache_lru_size} vs "
+                                                 f"about {need} node results to keep")
+        if mode == "none":
+            return False, "--cache-none: every prompt runs every node again"
+        return True, "RAM-pressure cache keeps the encoder's output"
+
+    def _staged(self, plan: BrokerPlan, shot_id: str) -> bool:
+        action = plan.decision("experts").action
+        if not (self.bound.binding.two_expert and action in ("unload-high-before-low",
+                                                             "block-swap")):
+            return False
+        ok, why = self._stages_share_encoder(consecutive=True)
+        if not ok:
+            self._event("experts", "one-prompt", plan.peak_gib,
+                        f"a split would re-run the text encoder ({why})",
+                        "shot rendered as one prompt; ComfyUI manages the experts", shot_id)
+        return ok
+
+    def _stages(self, shot: Shot, prompt: dict[str, Any]) -> list[Stage]:
         nodes = self.bound.binding.nodes
         assert nodes.high_sampler and nodes.low_sampler
-        stages = split_stages(prompt, high_sampler=nodes.high_sampler,
-                              low_sampler=nodes.low_sampler, decode=nodes.decode,
-                              output=nodes.output, prefix=f"story-to-video/{shot.id}")
+        return split_stages(prompt, high_sampler=nodes.high_sampler,
+                            low_sampler=nodes.low_sampler, decode=nodes.decode,
+                            output=nodes.output, prefix=f"{LATENT_SUBFOLDER}/{shot.id}")
+
+    def _run_stage(self, run: ShotRun, stage: Stage, latent: str | None,
+                   progress: ProgressCallback | None, plan: BrokerPlan | None
+                   ) -> str | None:
+        """One stage's prompt; returns the latent handed to the next stage, if any."""
+        wf = dict(stage.workflow)
+        if stage.latent_in is not None:
+            assert latent is not None
+            wf[stage.latent_in] = {**wf[stage.latent_in], "inputs": {"latent": latent}}
+        if stage.name == "decode" and plan is not None:
+            wf = self._decode_choice(wf, plan, run.shot)
+        self._mark(f"{run.shot.id} {stage.name}")
+        ex = self._run_with_restarts(run.shot, wf, progress)
+        run.executions.append((stage.name, ex))
+        return self._hand_over_latent(ex, stage, run) if stage.latent_out else None
+
+    def _render_staged(self, run: ShotRun, prompt: dict[str, Any], plan: BrokerPlan,
+                       progress: ProgressCallback | None) -> None:
+        """Pass 1 -> latent, unload the high-noise expert, pass 2 -> latent, check decode
+        headroom, decode. Latents travel as files: /view from output, /upload to input."""
         latent: str | None = None
-        ex: Execution | None = None
-        for stage in stages:
-            wf = dict(stage.workflow)
+        for stage in self._stages(run.shot, prompt):
             if stage.name == "low":
                 self.client.free(unload_models=True)  # the high-noise expert goes
-                self._mark(f"{shot.id} unload high")
-            if stage.name == "decode":
-                choice = self.broker.decode_headroom(
-                    plan, shot.id, lambda: self.client.free(unload_models=True))
-                if choice.tiled:
-                    wf = use_tiled_decode(wf, nodes.decode, **choice.params)
-            if stage.latent_in is not None and latent is not None:
-                wf[stage.latent_in] = {**wf[stage.latent_in],
-                                       "inputs": {"latent": latent}}
-            self._mark(f"{shot.id} {stage.name}")
-            ex = self._run_with_restarts(shot, wf, progress)
-            stage_seconds[stage.name] = round(ex.seconds, 2)
-            if stage.latent_out is not None:
-                latent = self._hand_over_latent(ex, stage, shot.id)
-        assert ex is not None
-        return ex
+                self._mark(f"{run.shot.id} unload high")
+            latent = self._run_stage(run, stage, latent, progress, plan)
+
+    def pass_major_refusal(self, shots: int) -> str | None:
+        """Why pass-major batching would cost more than it saves here (None: it is fine)."""
+        nodes = self.bound.binding.nodes
+        if not (self.bound.binding.two_expert and nodes.high_sampler and nodes.low_sampler):
+            return "pass-major batching needs a two-expert workflow"
+        self._ensure_started()
+        ok, why = self._stages_share_encoder(consecutive=False, shots=shots)
+        return None if ok else f"the low-noise passes would re-run the text encoder ({why})"
 
     def render_pass_major(self, shots: list[Shot], out_paths: list[Path],
                           progress: ProgressCallback | None = None) -> list[ClipResult]:
         """A batch of two-expert shots, pass by pass: every high-noise pass, then every
         low-noise pass, then every decode, so each expert is loaded once per batch instead
-        of once per clip."""
+        of once per clip. Each shot's record has its own prompts, seconds and checks."""
         self._ensure_started()
-        nodes = self.bound.binding.nodes
-        if not (self.bound.binding.two_expert and nodes.high_sampler and nodes.low_sampler):
-            raise WorkflowError("pass-major batching needs a two-expert workflow")
-        staged = {s.id: split_stages(self.bound.bind(s, **self.extra_inputs),
-                                     high_sampler=nodes.high_sampler,
-                                     low_sampler=nodes.low_sampler, decode=nodes.decode,
-                                     output=nodes.output, prefix=f"story-to-video/{s.id}")
-                  for s in shots}
-        latents: dict[str, str] = {}
-        started = {s.id: self._now() for s in shots}
-        finals: dict[str, Execution] = {}
-        for i, phase in enumerate(("high", "low", "decode")):
-            if i:
-                self.client.free(unload_models=True)  # the previous pass's expert goes
-            self._mark(f"pass-major {phase}")
-            for s in shots:
-                stage = staged[s.id][i]
-                wf = dict(stage.workflow)
-                if stage.latent_in is not None:
-                    wf[stage.latent_in] = {**wf[stage.latent_in],
-                                           "inputs": {"latent": latents[s.id]}}
-                if phase == "decode" and self.broker is not None:
-                    p = self.broker.plan(s.frames, s.width, s.height, s.id)
-                    choice = self.broker.decode_headroom(
-                        p, s.id, lambda: self.client.free(unload_models=True))
-                    if choice.tiled:
-                        wf = use_tiled_decode(wf, nodes.decode, **choice.params)
-                ex = self._run_with_restarts(s, wf, progress)
-                if stage.latent_out is not None:
-                    latents[s.id] = self._hand_over_latent(ex, stage, s.id)
-                else:
-                    finals[s.id] = ex
-        results = []
-        for s, out in zip(shots, out_paths, strict=True):
-            ex = finals[s.id]
-            self._download(output_file(ex.outputs, nodes.output), out)
-            results.append(ClipResult(path=out, frames=s.frames, fps=s.fps, width=s.width,
-                                      height=s.height, seconds=self._now() - started[s.id],
-                                      engine=self.name, preview=False,
-                                      details={"prompt_id": ex.prompt_id,
-                                               "pass_major": True}))
-        return results
+        refusal = self.pass_major_refusal(len(shots))
+        if refusal:
+            raise WorkflowError(refusal)
+        self.check_shots(shots)
+        plans = {s.id: self.broker.plan(s.frames, s.width, s.height, s.id)
+                 if self.broker else None for s in shots}
+        runs = {s.id: ShotRun(s) for s in shots}
+        staged = {s.id: self._stages(s, self._prompt(s, plans[s.id])) for s in shots}
+        latents: dict[str, str | None] = {s.id: None for s in shots}
+        started = self._now()
+        try:
+            for i, phase in enumerate(("high", "low", "decode")):
+                if i:
+                    self.client.free(unload_models=True)  # the previous pass's expert goes
+                self._mark(f"pass-major {phase}")
+                for s in shots:
+                    latents[s.id] = self._run_stage(runs[s.id], staged[s.id][i],
+                                                    latents[s.id], progress, plans[s.id])
+            results = []
+            for s, out in zip(shots, out_paths, strict=True):
+                run = runs[s.id]
+                ex = run.executions[-1][1]
+                self._download(output_file(ex.outputs, self.bound.binding.nodes.output), out)
+                self._check_clip(s, out)
+                result = self._result(run, out, plans[s.id], started)
+                result.seconds = run.seconds  # its own prompts, not the whole batch's
+                result.details["pass_major"] = True
+                results.append(result)
+            return results
+        finally:
+            for run in runs.values():
+                self._remove_files(run)
 
-    def _hand_over_latent(self, ex: Execution, stage: Stage, shot_id: str) -> str:
+    def _hand_over_latent(self, ex: Execution, stage: Stage, run: ShotRun) -> str:
         out = ex.outputs.get(stage.latent_out or "") or {}
         items = out.get("latents") or []
         if not items:
-            raise ComfyUIError(f"{shot_id}: stage {stage.name} saved no latent ({out})")
+            raise ComfyUIError(f"{run.shot.id}: stage {stage.name} saved no latent ({out})")
         item = items[0]
+        run.files.append(("output", f"{item.get('subfolder', '')}/{item['filename']}"))
         data = b"".join(self.client.view(item["filename"], item.get("subfolder", ""),
                                          item.get("type", "output")))
-        name = f"stv_{shot_id}_{stage.name}_{ex.prompt_id[:8]}.latent"
-        tmp = Path(self._tmpdir()) / name
-        tmp.write_bytes(data)
-        try:
-            return self.client.upload_image(tmp, subfolder="")
-        finally:
-            tmp.unlink(missing_ok=True)
+        # Named by content: an identical re-run finds the same name, so ComfyUI's cache
+        # still answers the next stage.
+        name = f"stv_{run.shot.id}_{stage.name}_{hashlib.sha256(data).hexdigest()[:12]}.latent"
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d) / name
+            tmp.write_bytes(data)
+            try:
+                uploaded = self.client.upload_image(tmp, subfolder="")
+            except ComfyUIUnavailable as err:
+                raise ComfyUIDied(f"{run.shot.id}: ComfyUI went away while the {stage.name} "
+                                  f"latent was uploaded: {err}") from err
+        run.files.append(("input", uploaded))
+        return uploaded
 
-    @staticmethod
-    def _tmpdir() -> str:
-        import tempfile
+    # -- ComfyUI's folders ---------------------------------------------------------------------
+    def _folders(self) -> dict[str, Path]:
+        """ComfyUI's input and output folders, where this machine can see them."""
+        found: dict[str, Path] = {}
+        candidates = list(self.info.folders()) if self.info else []
+        cwd = getattr(self.server, "cwd", None)
+        if cwd:
+            candidates += [Path(cwd) / "input", Path(cwd) / "output"]
+        for p in candidates:
+            if p.name in ("input", "output") and p.is_dir():
+                found.setdefault(p.name, p)
+        return found
 
-        return tempfile.gettempdir()
+    def _remove_files(self, run: ShotRun) -> None:
+        """Staged latents are scratch: remove them from ComfyUI's folders after the shot."""
+        if not run.files:
+            return
+        folders = self._folders()
+        for kind, rel in run.files:
+            folder = folders.get(kind)
+            path = (folder / rel.lstrip("/")).resolve() if folder else None
+            if path is not None and folder is not None and folder.resolve() in path.parents \
+                    and path.is_file():
+                path.unlink()
+                continue
+            self._leftover_files += 1
+        if self._leftover_files:
+            log.warning("%s: %d handed-over latent file(s) stay in ComfyUI's %s folders "
+                        "(not visible from here); they are named stv_* and %s/*", run.shot.id,
+                        self._leftover_files, "/".join(sorted({k for k, _ in run.files})),
+                        LATENT_SUBFOLDER)
+            self._leftover_files = 0
 
+    def _sweep_leftovers(self) -> None:
+        """Latents left by a crashed run (older than LEFTOVER_AGE_S) are removed at start."""
+        folders = self._folders()
+        now = time.time()
+        patterns = {"input": ["stv_*.latent"], "output": [f"{LATENT_SUBFOLDER}/*.latent"]}
+        gone = 0
+        for kind, folder in folders.items():
+            for pattern in patterns[kind]:
+                for p in folder.glob(pattern):
+                    if now - p.stat().st_mtime > LEFTOVER_AGE_S:
+                        p.unlink(missing_ok=True)
+                        gone += 1
+        if gone:
+            log.info("removed %d latent file(s) left in ComfyUI's folders by earlier runs", gone)
+
+    # -- broker bookkeeping -----------------------------------------------------------------
     def _mark(self, label: str) -> None:
         if self.timeline is not None:
             self.timeline.mark(label)
@@ -347,12 +557,6 @@ class ComfyUIEngine:
         self.broker.between_shots(shot.scene_index, shot.id,
                                   lambda: self.client.free(unload_models=True,
                                                            free_memory=True), restart)
-
-    def _was_cached(self, ex: Execution) -> bool:
-        out = self.bound.binding.nodes.output
-        if out in ex.cached_nodes:
-            return True
-        return ex.progress_events == 0 and ex.seconds < CACHED_SECONDS
 
     def _run_with_restarts(self, shot: Shot, prompt: dict[str, Any],
                            progress: ProgressCallback | None) -> Execution:

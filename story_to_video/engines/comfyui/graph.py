@@ -69,6 +69,19 @@ def use_tiled_decode(wf: Workflow, decode_id: str, *, tile_size: int = 512,
     return out
 
 
+def place_text_encoder(wf: Workflow, device: str) -> tuple[Workflow, list[str]]:
+    """Run the text encoder on `device` ("cpu" or "default") through CLIPLoader's own
+    `device` input; returns the new workflow and the loader nodes changed."""
+    out = copy.deepcopy(wf)
+    changed = []
+    for nid, node in out.items():
+        if node["class_type"] in ("CLIPLoader", "DualCLIPLoader") and \
+                "device" in node["inputs"]:
+            node["inputs"]["device"] = device
+            changed.append(nid)
+    return out, changed
+
+
 def set_lora_strengths(wf: Workflow, strengths: dict[str, float]) -> Workflow:
     """{node id: strength} for LoraLoaderModelOnly / LoraLoader nodes."""
     out = copy.deepcopy(wf)
