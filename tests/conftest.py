@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,3 +37,18 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def real_comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real ComfyUI 0.33 (CPU, tiny random-weight Wan models) for the whole session,
+    made by scripts/comfyui_test_server.py from ../shared/comfyui or $STV_COMFYUI_SRC.
+    STV_TEST_COMFYUI_WORKDIR=<dir> reuses a server started there by the tool (keeps its
+    cache warm between runs while developing)."""
+    from tests.real_comfyui import attach_or_start
+
+    server = attach_or_start(tmp_path_factory.mktemp("comfyui"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -61,8 +61,9 @@ def test_renders_a_shot_over_the_real_protocol(fake: FakeComfyUI, tmp_path: Path
     assert (info.frames, info.width, info.height, info.fps) == (17, 128, 128, 16.0)
     assert not result.cached and not result.preview and result.engine == "comfyui"
     # progress of both expert passes reached the callback, step k of n
-    assert [(p.step, p.total, p.node) for p in seen] == [(k, 4, "81") for k in (1, 2, 3, 4)] \
-        + [(k, 4, "78") for k in (1, 2, 3, 4)]
+    # like the real server: each pass reports its own steps (2 of a 2+2 split)
+    assert [(p.step, p.total, p.node) for p in seen] == [(1, 2, "81"), (2, 2, "81"),
+                                                          (1, 2, "78"), (2, 2, "78")]
     sent = fake.prompts[-1]
     assert sent["81"]["inputs"]["noise_seed"] == 42
     assert sent["74"]["inputs"]["length"] == 17
@@ -114,7 +115,8 @@ def test_validation_error_names_the_node(fake: FakeComfyUI, tmp_path: Path) -> N
 
 def test_unknown_class_is_refused(fake: FakeComfyUI) -> None:
     client = ComfyUIClient(fake.url)
-    with pytest.raises(PromptValidationError, match="node WanVideoBlockSwap does not exist"):
+    with pytest.raises(PromptValidationError, match="Node 'WanVideoBlockSwap' not found. The "
+                                                    "custom node may not be installed"):
         client.submit({"1": {"class_type": "WanVideoBlockSwap", "inputs": {}}})
 
 
@@ -164,12 +166,23 @@ def test_dead_server_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_upload_and_i2v_binding(fake: FakeComfyUI, tmp_path: Path) -> None:
+    from PIL import Image
+
     img = tmp_path / "start.png"
-    img.write_bytes(b"\x89PNG fake")
+    Image.new("RGB", (128, 128), (9, 9, 9)).save(img)
     e = engine(fake, workflows.binding_path("wan22_14b_i2v"))
     e.render(shot(start_image=str(img)), tmp_path / "c.mp4")
-    assert fake.uploads["story-to-video/start.png"] == b"\x89PNG fake"
-    assert fake.prompts[-1]["97"]["inputs"]["image"] == "story-to-video/start.png"
+    sent = fake.prompts[-1]["97"]["inputs"]["image"]
+    assert sent.startswith("story-to-video/stv_start_") and sent.endswith(".png")
+    assert fake.uploads[sent] == img.read_bytes()
+
+
+def test_i2v_without_start_image_is_refused_before_any_prompt(fake: FakeComfyUI,
+                                                              tmp_path: Path) -> None:
+    e = engine(fake, workflows.binding_path("wan22_14b_i2v"))
+    with pytest.raises(WorkflowError, match="shot s01_sh01 has no start image"):
+        e.render(shot(), tmp_path / "c.mp4")
+    assert fake.prompts == []
 
 
 def test_system_stats_free_interrupt_queue(fake: FakeComfyUI) -> None:

@@ -42,6 +42,7 @@ def seed_plan(out: Path, idea: str) -> RunFolder:
 def test_comfyui_flow_staged_with_report(fake: FakeComfyUI, tmp_path: Path,
                                          prefect_harness: None,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.argv.append("--disable-dynamic-vram")  # the classic loader: the broker plans
     monkeypatch.setenv("STV_COMFYUI__URL", fake.url)
     monkeypatch.setenv("STV_COMFYUI__WORKFLOW", "wan22_14b_t2v")
     folder = seed_plan(tmp_path, "a whale sings")

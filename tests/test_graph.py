@@ -81,7 +81,7 @@ def test_every_stage_is_accepted_by_comfyui_validation() -> None:
                                   output="80", prefix="stv/x"):
             wf = copy.deepcopy(stage.workflow)
             if stage.latent_in:
-                fake.uploads["/x_high.latent"] = json.dumps(  # as /upload/image would
+                fake.uploads["x_high.latent"] = json.dumps(  # as /upload/image would
                     {"frames": 17, "width": 64, "height": 64}).encode()
                 wf[stage.latent_in]["inputs"]["latent"] = "x_high.latent"
             ex = client.run(wf, stall_timeout_s=10)
