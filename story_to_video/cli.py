@@ -352,6 +352,16 @@ def broker_plan(
                    f"{d.available_gib:6.2f}: {d.reason}{extra}")
 
 
+# Prefect's temporary server (a run without PREFECT_API_URL) must not print failures that are
+# not ours: telemetry cannot reach the internet on an offline machine, and its SQLite waits
+# only 10 s for a lock by default, which a busy 2-core machine exceeds ("database is locked").
+PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
+                    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30"}
+
+
 def main() -> None:  # pragma: no cover - console entry
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     app()

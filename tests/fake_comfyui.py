@@ -31,6 +31,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import threading
 import time
 import uuid
@@ -80,7 +81,7 @@ class Faults:
     oom_at: str | None = None  # class_type that raises torch.OutOfMemoryError
     crash_at: str | None = None  # class_type at which the whole server dies
     drop_socket_at: str | None = None  # class_type at which the socket is closed once
-    die_on_latent_upload: bool = False  # the server dies while a .latent is uploaded
+    die_on_latent_upload: bool = False  # the process dies while a .latent is uploaded
     step_delay_s: float = 0.005
 
 
@@ -215,9 +216,7 @@ class FakeComfyUI:
         image = form["image"]
         assert not isinstance(image, str)
         if self.faults.die_on_latent_upload and str(image.filename).endswith(".latent"):
-            self.faults.die_on_latent_upload = False
-            self.stop_soon()
-            await asyncio.sleep(3600)
+            os._exit(1)  # run as its own process (fake_comfyui_main): dies mid-request
         data = await image.read()
         sub = str(form.get("subfolder", ""))
         self.uploads[f"{sub}/{image.filename}" if sub else str(image.filename)] = data

@@ -2,7 +2,8 @@
 
 Used to test the supervised-process code path (start, health check, log, stop, restart).
 FAKE_STALL_ONCE=<file>: if that file exists, stall at VAEDecode and delete it (so a restarted
-server behaves)."""
+server behaves); FAKE_DIE_ON_LATENT_UPLOAD_ONCE=<file>: the same, dying during a latent
+upload; FAKE_ARGV: command-line flags the fake reports in /system_stats."""
 
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ def main() -> None:
     if once and Path(once).exists():
         Path(once).unlink()
         faults.stall_at = "VAEDecode"
-    server = FakeComfyUI(port=args.port, faults=faults).start()
+    die = os.environ.get("FAKE_DIE_ON_LATENT_UPLOAD_ONCE")
+    if die and Path(die).exists():
+        Path(die).unlink()
+        faults.die_on_latent_upload = True
+    argv = os.environ.get("FAKE_ARGV", "").split()
+    server = FakeComfyUI(port=args.port, faults=faults,
+                         argv=["main.py", *argv]).start()
     print(f"fake ComfyUI listening on {server.url}", flush=True)
     stop = False
 

@@ -292,3 +292,30 @@ def test_block_swap_decision_reaches_the_render(fake: FakeComfyUI, tmp_path: Pat
     assert swap and swap[0]["params"]["blocks_to_swap"] == 8
     assert "no block-swap node bound" in swap[0]["outcome"]
     assert list(result.details["stage_seconds"]) == ["high", "low", "decode"]
+
+
+def staged_engine(fake: FakeComfyUI) -> ComfyUIEngine:
+    e = ComfyUIEngine(ComfyUIClient(fake.url), BoundWorkflow.load(
+        workflows.binding_path("wan22_14b_t2v")), AttachedComfyUI(fake.url))
+    e.broker = broker(NoGpuMonitor("test"), strategy="staged")
+    return e
+
+
+def test_classic_cache_keeps_staging_but_refuses_pass_major(fake: FakeComfyUI,
+                                                            tmp_path: Path) -> None:
+    """--cache-classic keeps only the previous prompt's outputs: a shot's low pass right after
+    its high pass still finds the encoded prompt, a batch's low passes would not."""
+    fake.cache_mode, fake.faults.step_delay_s = "classic", 0
+    fake.argv.append("--cache-classic")
+    e = staged_engine(fake)
+    result = e.render(shot(17), tmp_path / "c.mp4")
+    assert list(result.details["stage_seconds"]) == ["high", "low", "decode"]
+    low = result.details["prompt_ids"]["low"]
+    assert {"89", "72"} <= set(fake.history[low]["status"]["messages"][1][1]["nodes"])
+    assert "re-run the text encoder" in (e.pass_major_refusal(3) or "")
+    fake.argv[-1] = "--cache-none"
+    e2 = staged_engine(fake)
+    one = e2.render(shot(17).model_copy(update={"seed": 9}), tmp_path / "d.mp4")
+    assert list(one.details["stage_seconds"]) == ["all"]  # a split would encode 3 times
+    assert any(ev.action == "one-prompt" and "re-run the text encoder" in ev.reason
+               for ev in e2.broker.events)  # type: ignore[union-attr]

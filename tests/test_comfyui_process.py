@@ -71,3 +71,34 @@ def test_stall_restarts_supervised_comfyui_and_retries(tmp_path: Path,
     assert server.restarts == 1  # stalled once, restarted, retried
     assert probe(result.path).frames == 17
     assert not once.exists()
+
+
+def test_server_dying_during_latent_upload(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process dies while a staged latent is uploaded: one clear error naming the shot
+    and stage, nothing half-written; the retry (what the render task does) restarts it."""
+    from resource_broker.broker import Broker
+    from resource_broker.cost_model import CostModel
+    from resource_broker.gpu import NoGpuMonitor
+    from story_to_video.engines.comfyui import ComfyUIDied
+
+    marker = tmp_path / "die-once"
+    marker.write_text("x")
+    monkeypatch.setenv("FAKE_DIE_ON_LATENT_UPLOAD_ONCE", str(marker))
+    port = free_port()
+    p = process(port, tmp_path / "comfyui.log")
+    e = ComfyUIEngine(ComfyUIClient(p.url), BoundWorkflow.load(
+        workflows.binding_path("wan22_14b_t2v")), p)
+    e.broker = Broker(NoGpuMonitor("test"), CostModel.for_model("wan2.2-14b"),
+                      budget_gib=32, strategy="staged")
+    s = Shot(id="s01_sh01", scene_index=0, shot_index=0, action="a", prompt="p", frames=17,
+             fps=16, width=128, height=128, seed=1)
+    try:
+        with pytest.raises(ComfyUIDied, match="s01_sh01: ComfyUI went away while the high "
+                                              "latent was uploaded"):
+            e.render(s, tmp_path / "c.mp4")
+        assert not (tmp_path / "c.mp4").exists() and not p.alive()
+        result = e.render(s, tmp_path / "c.mp4")  # the task's retry
+        assert probe(result.path).frames == 17 and p.restarts == 1
+    finally:
+        e.close()

@@ -566,6 +566,9 @@ class ComfyUIEngine:
                                   str(data.get("node") or "")))
 
         attempt = 0
+        if self.server.supervised and not self.server.alive():
+            log.warning("%s: the ComfyUI process is gone; starting it again", shot.id)
+            self.server.restart("the process exited")
         while True:
             try:
                 return self.client.run(prompt, on_event=on_event,
