@@ -2,6 +2,7 @@
 
     scripts/comfyui-test-server setup  [--comfyui DIR]        # venv + random-weight models
     scripts/comfyui-test-server start  [--comfyui DIR] [--port N] [-- EXTRA COMFYUI ARGS]
+                                       (e.g. -- --cache-classic)
     scripts/comfyui-test-server models --comfyui DIR --out DIR --profile full   # GPU sizes
 
 DIR is the user's own `git clone` of ComfyUI or, in CI, `../shared/comfyui` (the default; also
@@ -223,8 +224,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="models: output folder")
     ap.add_argument("--profile", choices=["tiny", "full"], default="tiny")
     ap.add_argument("--gpu", action="store_true", help="models: import ComfyUI without --cpu")
-    ap.add_argument("extra", nargs="*", help="extra ComfyUI arguments (after --)")
-    args = ap.parse_args()
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     try:
         if args.action == "models":
             src = source_dir(args.comfyui)
@@ -238,7 +240,7 @@ def main() -> int:
             print(json.dumps({"python": str(prepared.python), "models": str(prepared.models)}))
             return 0
         workdir = args.workdir or cache_dir() / "workdir"
-        server = start(prepared, workdir, args.port, args.extra)
+        server = start(prepared, workdir, args.port, extra)
         (workdir / "server.json").write_text(json.dumps({"url": server.url, "pid": server.pid}))
         print(server.url, flush=True)
         _log(f"ComfyUI {server.url} (pid {server.pid}); log {server.log_path}; Ctrl-C stops")

@@ -357,7 +357,9 @@ def broker_plan(
 # only 10 s for a lock by default, which a busy 2-core machine exceeds ("database is locked").
 PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
-                    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30"}
+                    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
+                    # our modules log outside flow runs too (preflight, assembly helpers)
+                    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -178,7 +178,7 @@ def test_fresh_then_cached_prompt(server: str) -> None:
 
 
 def test_failing_prompt(server: str, tmp_path: Path) -> None:
-    bad = tmp_path / "stv_contract_corrupt.latent"
+    bad = tmp_path / "contract_corrupt.latent"
     bad.write_bytes(b"not a latent")
     client = ComfyUIClient(server)
     name = client.upload_image(bad, subfolder="")
