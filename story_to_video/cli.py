@@ -25,7 +25,7 @@ from .config import ConfigError, Settings, load_settings
 from .engines.base import VideoEngineError
 from .engines.comfyui.errors import PromptValidationError, WorkflowError
 from .llm.base import LLMConfigError, LLMError
-from .run import InputError, RunSpec
+from .run import InputError, RunFolder, RunSpec
 from .textsafe import one_line, terminal
 
 EXIT_SOME_FAILED, EXIT_BAD_INPUT, EXIT_SERVICE_FAILED, EXIT_BUG = 1, 2, 3, 4
@@ -123,10 +123,11 @@ def run(
         llm = _llm_overrides(llm_backend, llm_url, llm_model)
         settings = load_settings(config, {"engine": engine, "style": style, **{
             f"llm.{k}": v for k, v in llm.items()}})
-        RunSpec(idea=idea, scenes=scenes, target_seconds=target_seconds, style=settings.style,
-                engine=settings.engine, output_dir=output or Path(settings.output_dir),
-                run_name=run_name)
+        spec = RunSpec(idea=idea, scenes=scenes, target_seconds=target_seconds,
+                       style=settings.style, engine=settings.engine,
+                       output_dir=output or Path(settings.output_dir), run_name=run_name)
         check_target_reachable(scenes, target_seconds, settings.video)
+        RunFolder(spec).check_identity()
         from flows.pipeline import story_to_video
 
         _terminal_logs_without_tracebacks()

@@ -102,7 +102,10 @@ def _describe(ident: dict[str, Any]) -> str:
 def set_aside(path: Path, why: str) -> Path:
     """Rename a corrupt run file out of the way (kept for a look), logging both names."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}-{os.getpid()}")
+    target, n = path.with_name(f"{path.name}.corrupt-{stamp}"), 1
+    while target.exists():  # keep every earlier one
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
     try:
         os.replace(path, target)
     except FileNotFoundError:
@@ -149,18 +152,22 @@ class RunFolder:
     def identity_path(self) -> Path:
         return self.root / "run.json"
 
-    def _claim_identity(self) -> None:
-        """Make sure this folder holds this run and no other: two ideas whose --run-name
-        reduce to one folder name must never share (or resume) each other's work."""
-        mine = self.spec.identity()
-        theirs = self._stored_identity()
+    def check_identity(self) -> None:
+        """Refuse a folder that holds another run: two ideas whose --run-name reduce to one
+        folder name must never share (or resume) each other's work."""
+        if not self.root.is_dir():
+            return
+        mine, theirs = self.spec.identity(), self._stored_identity()
         if theirs is not None and any(theirs[k] != mine[k] for k in IDENTITY_FIELDS):
             raise InputError(
                 f"run folder {self.root} already holds another run: {_describe(theirs)}; this "
                 f"run is {_describe(mine)}. Give this run another --run-name (or none: the "
                 "default folder name includes the idea and a hash of the inputs)")
+
+    def _claim_identity(self) -> None:
+        self.check_identity()
         if not self.identity_path.is_file():
-            write_json_atomic(self.identity_path, mine)
+            write_json_atomic(self.identity_path, self.spec.identity())
 
     def _stored_identity(self) -> dict[str, Any] | None:
         """The inputs of the run this folder holds (run.json, or the plan of a folder made

@@ -261,6 +261,7 @@ class OpenAICompatibleBackend:
         self.retry_wait_max_s = retry_wait_max_s
         self.max_reply_chars = max_reply_chars
         self._secret = api_key if api_key and api_key != "not-needed" else None
+        self._deadline_name = f"llm.call_deadline_s = {call_deadline_s:g}s"
         # Retries are decided here (bounded, with the deadline in view), not by the client.
         self._client = OpenAI(base_url=base_url, api_key=api_key or "not-needed",
                               timeout=timeout_s, max_retries=0)
@@ -363,9 +364,11 @@ class OpenAICompatibleBackend:
     def _chat(self, messages: list[Message], max_tokens: int, temperature: float,
               fmt: dict[str, Any] | None, on_token: TokenCallback | None,
               deadline_s: float | None) -> _Reply:
-        seconds = self.call_deadline_s if deadline_s is None else min(self.call_deadline_s,
-                                                                      deadline_s)
+        by_stage = deadline_s is not None and deadline_s < self.call_deadline_s
+        seconds = deadline_s if deadline_s is not None and by_stage else self.call_deadline_s
         deadline = time.monotonic() + max(0.0, seconds)
+        self._deadline_name = ("llm.stage_deadline_s: the stage's time ran out" if by_stage
+                               else f"llm.call_deadline_s = {self.call_deadline_s:g}s")
         model = self.model()
         limit = min(self.max_reply_chars, CHARS_PER_TOKEN_MAX * max_tokens + 256)
         extra = {"response_format": fmt} if fmt else None
@@ -426,7 +429,7 @@ class OpenAICompatibleBackend:
             elif time.monotonic() + (wait := wait if wait is not None else
                                      min(8.0, 0.5 * 2 ** (tries - 1))) >= deadline:
                 why = (f" (after {tries} tr{'y' if tries == 1 else 'ies'}; no time left before "
-                       f"the deadline, llm.call_deadline_s = {self.call_deadline_s:.0f}s)")
+                       f"the deadline, {self._deadline_name})")
             else:
                 log.warning("LLM %s: %s; retry %d/%d in %.1fs", what,
                             self._say(str(retry)), tries, self.retries, wait)
@@ -492,8 +495,7 @@ class OpenAICompatibleBackend:
 
     def _deadline_message(self) -> str:
         return (f"LLM server at {self.base_url} did not finish the reply by the deadline "
-                f"(llm.call_deadline_s = {self.call_deadline_s:.0f}s, or the stage's "
-                "llm.stage_deadline_s): it stalled or trickles")
+                f"({self._deadline_name}): it stalled or trickles")
 
     def _transport_error(self, err: BaseException) -> BaseException:
         if isinstance(err, (openai.APIStatusError, _Retryable, LLMError)):
