@@ -418,8 +418,14 @@ def broker_plan(
 
 def main() -> None:  # pragma: no cover - console entry
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    for stream in (sys.stdout, sys.stderr):  # a character the terminal cannot show becomes ?
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         app()
+    except BrokenPipeError:  # `story-to-video plan --json | head`: the reader left, fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_SOME_FAILED)
     except Exception as err:  # the last resort: a bug still ends in one line, not a traceback
         if os.environ.get("STV_DEBUG"):
             raise

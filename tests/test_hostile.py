@@ -57,13 +57,13 @@ def backend(server: ScriptedLLMServer, **kw: Any) -> OpenAICompatibleBackend:
     return OpenAICompatibleBackend(server.url, **kw)
 
 
-def cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120,
+        encoding: str = "utf-8") -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("STV_")}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "story_to_video", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, check=False,
-                          env=full_env)
+                          capture_output=True, encoding=encoding, timeout=timeout,
+                          check=False, env=full_env)
 
 
 def assert_one_clear_line(res: subprocess.CompletedProcess[str], code: int, start: str) -> None:
@@ -283,6 +283,16 @@ def test_cli_plan_shows_llm_text_as_data(server: ScriptedLLMServer, tmp_path: Pa
         assert bad not in res.stdout
     assert "A whale <img src=x onerror=alert(1)> sings" in res.stdout  # kept as plain text
     assert "Scene 1: Dusk ]2;title gnp.exe - a stone pier, dusk" in res.stdout
+
+
+def test_cli_text_the_terminal_cannot_encode_is_replaced(server: ScriptedLLMServer,
+                                                        tmp_path: Path) -> None:
+    server.script(stream("A fox finds a \u6f22\u5b57 lantern in the caf\u00e9 at night."),
+                  stream(bible_json()), stream(scenes_json(1, 1)))
+    res = cli(*_plan_args(server), cwd=tmp_path, env={"PYTHONIOENCODING": "latin-1:strict"},
+              encoding="latin-1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "A fox finds a ?? lantern in the caf\u00e9 at night." in res.stdout
 
 
 def test_cli_unreachable_target_stops_before_any_llm_call(server: ScriptedLLMServer,

@@ -406,7 +406,10 @@ class OpenAICompatibleBackend:
             raise LLMReplyError("the reply has no choices: not a chat completion")
         reader = _StreamReader(limit, lambda _: None)
         reader._choice(data["choices"], "message")
-        return _Reply("".join(reader.parts), reader.chunks, reader.finish or "stop")
+        usage = data.get("usage")
+        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        chunks = tokens if isinstance(tokens, int) and tokens >= 0 else reader.chunks
+        return _Reply("".join(reader.parts), chunks, reader.finish or "stop")
 
     # -- transport -------------------------------------------------------------------------
     def _with_retries(self, what: str, attempt: Callable[[float], Any], deadline: float,
