@@ -51,10 +51,9 @@ UrlOpt = Annotated[str | None, typer.Option("--llm-url", help="OpenAI-compatible
 ModelOpt = Annotated[str | None, typer.Option("--llm-model", help="model name on the server")]
 
 
-def _fail(err: BaseException, code: int | None = None) -> NoReturn:
-    if code is None:
-        code = EXIT_BAD_INPUT if isinstance(err, BAD_INPUT) or not isinstance(
-            err, SERVICE_FAILED) else EXIT_SERVICE_FAILED
+def _fail(err: BaseException) -> NoReturn:
+    service = isinstance(err, SERVICE_FAILED) and not isinstance(err, BAD_INPUT)
+    code = EXIT_SERVICE_FAILED if service else EXIT_BAD_INPUT
     lines = [one_line(line, 1000) for line in str(err).splitlines() if line.strip()]
     for line in lines or [type(err).__name__]:
         typer.echo(f"error: {line}", err=True)
@@ -153,6 +152,7 @@ def batch(
 
     with _errors():
         settings = load_settings(config, {"engine": engine})
+        # --scenes and --target-seconds checked as a run checks them, before any work
         RunSpec(idea="batch", scenes=scenes, target_seconds=target_seconds,
                 style=settings.style, engine=settings.engine, output_dir=Path("."))
         parsed = load_batch(file)
