@@ -1,7 +1,7 @@
 """`story-to-video` command line. Every failure is one clear line on stderr and an exit code:
 0 done, 1 finished but something failed (a batch idea, a doctor check, a workflow check),
 2 bad input (flags, settings, files), 3 a service failed (the LLM server, ComfyUI),
-4 an unexpected internal error (a bug: STV_DEBUG=1 shows its traceback).
+4 an unexpected error (a bug, or Prefect itself failing: STV_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
@@ -429,6 +429,6 @@ def main() -> None:  # pragma: no cover - console entry
     except Exception as err:  # the last resort: a bug still ends in one line, not a traceback
         if os.environ.get("STV_DEBUG"):
             raise
-        typer.echo(f"error: unexpected {type(err).__name__}: {one_line(str(err))} (this is a "
-                   "bug; run again with STV_DEBUG=1 to see the traceback)", err=True)
+        typer.echo(f"error: unexpected {type(err).__name__}: {one_line(str(err))} (if it "
+                   "persists, run again with STV_DEBUG=1 and report the traceback)", err=True)
         sys.exit(EXIT_BUG)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -166,8 +167,13 @@ class RunFolder:
 
     def _claim_identity(self) -> None:
         self.check_identity()
-        if not self.identity_path.is_file():
-            write_json_atomic(self.identity_path, self.spec.identity())
+        for _ in range(3):
+            if self.identity_path.is_file():
+                return
+            # Another worker preparing the same run may sweep our temporary file.
+            with contextlib.suppress(FileNotFoundError):
+                write_json_atomic(self.identity_path, self.spec.identity())
+        self.check_identity()
 
     def _stored_identity(self) -> dict[str, Any] | None:
         """The inputs of the run this folder holds (run.json, or the plan of a folder made

@@ -615,5 +615,6 @@ def test_an_unexpected_error_is_still_one_line(tmp_path: Path) -> None:
             "cli.main()\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60, check=False)
-    assert_one_clear_line(res, 4, "error: unexpected KeyError: 'no such thing' (this is a bug; "
-                                  "run again with STV_DEBUG=1 to see the traceback)")
+    assert_one_clear_line(res, 4, "error: unexpected KeyError: 'no such thing' (if it "
+                                  "persists, run again with STV_DEBUG=1 and report the "
+                                  "traceback)")
