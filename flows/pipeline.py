@@ -21,6 +21,7 @@ from story_to_video.engines import VideoEngine, make_engine
 from story_to_video.llm import open_llm
 from story_to_video.locks import claimed
 from story_to_video.models import ShotPlan
+from story_to_video.planner import check_target_reachable
 from story_to_video.report import write_report
 from story_to_video.run import RunFolder, RunSpec, safe_name
 from tasks.assemble import assemble_video
@@ -52,6 +53,7 @@ def prepare(
     spec = RunSpec(idea=idea, scenes=scenes, target_seconds=target_seconds,
                    style=settings.style, engine=settings.engine,
                    output_dir=Path(settings.output_dir), run_name=run_name)
+    check_target_reachable(spec.scenes, spec.target_seconds, settings.video)  # before the LLM
     if settings.engine != "preview":
         open_monitor(settings.broker.gpu_index)  # a GPU index that does not exist stops here
     folder = RunFolder(spec)

@@ -6,6 +6,7 @@ dry run (`story-to-video broker plan`), the logs and the run report all explain 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +19,29 @@ TILE_CHOICES = [(512, 64, 64, 8), (384, 48, 64, 8), (256, 32, 64, 8), (256, 32, 
 
 class BudgetTooSmall(ValueError):
     """No plan fits the budget; the message gives the numbers."""
+
+
+class PlanInputError(ValueError):
+    """A number given to the planner is impossible (negative, not finite, zero budget)."""
+
+
+def check_inputs(frames: int, width: int, height: int, *, budget_gib: float,
+                 margin_gib: float, llm_gib: float) -> None:
+    """The same bounds the settings enforce (broker.budget_gib > 0, safety_margin_gib >= 0,
+    llm_gib >= 0), so a dry run never prints a plan that cannot be."""
+    for name, value in (("frames", frames), ("width", width), ("height", height)):
+        if value <= 0:
+            raise PlanInputError(f"{name} must be greater than 0, got {value}")
+    gib_values: tuple[tuple[str, float, float | None], ...] = (
+        ("budget_gib", budget_gib, None), ("margin_gib", margin_gib, 0.0),
+        ("llm_gib", llm_gib, 0.0))
+    for name, gib_value, low in gib_values:
+        if not math.isfinite(gib_value):
+            raise PlanInputError(f"{name} must be a finite number, got {gib_value}")
+        if low is None and gib_value <= 0:
+            raise PlanInputError(f"{name} must be greater than 0, got {gib_value:g}")
+        if low is not None and gib_value < low:
+            raise PlanInputError(f"{name} must be at least {low:g}, got {gib_value:g}")
 
 
 def gib(n: float) -> float:
@@ -81,6 +105,8 @@ def plan_shot(model: CostModel, frames: int, width: int, height: int, *, budget_
         raise ValueError(f"memory_mode must be one of {', '.join(MEMORY_MODES)}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
+    check_inputs(frames, width, height, budget_gib=budget_gib, margin_gib=margin_gib,
+                 llm_gib=llm_gib)
     c = model.shot(frames, width, height)
     budget, margin = int(budget_gib * GIB), int(margin_gib * GIB)
     llm = int(llm_gib * GIB)

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_path
 from .engines.video_io import H264, VideoInfo, probe
+from .textsafe import srt as srt_text
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,11 @@ def _stamp(seconds: float) -> str:
 
 
 def srt(captions: Sequence[tuple[str, int, int]]) -> str:
-    """SubRip text from (caption, frames, fps) in order: one cue per shot."""
+    """SubRip text from (caption, frames, fps) in order: one cue per shot. Captions are LLM
+    text: one line, no control characters, no tags a player would render."""
     out, t = [], 0.0
     for i, (text, frames, fps) in enumerate(captions, start=1):
         end = t + frames / fps
-        out.append(f"{i}\n{_stamp(t)} --> {_stamp(end)}\n{' '.join(text.split())}\n")
+        out.append(f"{i}\n{_stamp(t)} --> {_stamp(end)}\n{srt_text(text)}\n")
         t = end
     return "\n".join(out)

@@ -1,29 +1,44 @@
-"""`story-to-video` command line. Errors print one clear line and exit 2."""
+"""`story-to-video` command line. Every failure is one clear line on stderr and an exit code:
+0 done, 1 finished but something failed (a batch idea, a doctor check, a workflow check),
+2 bad input (flags, settings, files), 3 a service failed (the LLM server, ComfyUI),
+4 an unexpected error (a bug, or Prefect itself failing: STV_DEBUG=1 shows the traceback).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from resource_broker.gpu import GpuUnavailable
 from resource_broker.policy import BudgetTooSmall
 
+from .batch import BatchFileError
 from .config import ConfigError, Settings, load_settings
 from .engines.base import VideoEngineError
-from .llm.base import LLMError
-from .run import InputError, RunSpec
+from .engines.comfyui.errors import PromptValidationError, WorkflowError
+from .llm.base import LLMConfigError, LLMError
+from .run import InputError, RunFolder, RunSpec
+from .textsafe import one_line, terminal
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Turn a one-line idea into a finished video on one local GPU.")
+EXIT_SOME_FAILED, EXIT_BAD_INPUT, EXIT_SERVICE_FAILED, EXIT_BUG = 1, 2, 3, 4
 
-USER_ERRORS = (ConfigError, InputError, LLMError, VideoEngineError, GpuUnavailable,
-               BudgetTooSmall)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn a one-line idea into a finished video on one local GPU.  Exit "
+                  "codes: 0 done, 1 some items failed, 2 bad input, 3 a service (LLM server, "
+                  "ComfyUI) failed, 4 internal error.")
+
+BAD_INPUT = (ConfigError, InputError, LLMConfigError, WorkflowError, PromptValidationError,
+             GpuUnavailable, BudgetTooSmall, BatchFileError)
+SERVICE_FAILED = (LLMError, VideoEngineError)
+USER_ERRORS = (*BAD_INPUT, *SERVICE_FAILED)
 
 IdeaOpt = Annotated[str, typer.Option("--idea", help="the one-line idea")]
 ScenesOpt = Annotated[int, typer.Option("--scenes", help="number of scenes")]
@@ -36,9 +51,48 @@ UrlOpt = Annotated[str | None, typer.Option("--llm-url", help="OpenAI-compatible
 ModelOpt = Annotated[str | None, typer.Option("--llm-model", help="model name on the server")]
 
 
-def _fail(err: BaseException) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(2)
+def _fail(err: BaseException) -> NoReturn:
+    service = isinstance(err, SERVICE_FAILED) and not isinstance(err, BAD_INPUT)
+    code = EXIT_SERVICE_FAILED if service else EXIT_BAD_INPUT
+    lines = [one_line(line, 1000) for line in str(err).splitlines() if line.strip()]
+    for line in lines or [type(err).__name__]:
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Known failures become one line and their exit code."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+class _NoTraceback(logging.Formatter):
+    """Formats a record as `inner` does, without its traceback."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            record = logging.makeLogRecord(
+                {**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+        return self.inner.format(record)
+
+
+def _terminal_logs_without_tracebacks() -> None:
+    """Prefect logs a failed run's traceback to the terminal; the CLI says what failed in one
+    line instead. The Prefect UI and API logs keep the tracebacks; STV_DEBUG=1 shows them."""
+    if os.environ.get("STV_DEBUG"):
+        return
+    for name in ("", "uvicorn", "fastapi"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                    handler.formatter, _NoTraceback):
+                handler.setFormatter(_NoTraceback(handler.formatter or logging.Formatter()))
 
 
 def _llm_overrides(backend: str | None, url: str | None, model: str | None) -> dict[str, Any]:
@@ -61,21 +115,26 @@ def run(
     run_name: Annotated[str | None, typer.Option("--run-name", help="run folder name")] = None,
 ) -> None:
     """Run the whole flow locally and print the path of final.mp4 last."""
-    from flows.pipeline import story_to_video
+    from .planner import check_target_reachable
 
-    try:
+    with _errors():
         # Fail on bad input now, before Prefect starts its temporary server.
-        settings = load_settings(config, {"engine": engine, "style": style})
-        RunSpec(idea=idea, scenes=scenes, target_seconds=target_seconds, style=settings.style,
-                engine=settings.engine, output_dir=output or Path(settings.output_dir))
+        llm = _llm_overrides(llm_backend, llm_url, llm_model)
+        settings = load_settings(config, {"engine": engine, "style": style, **{
+            f"llm.{k}": v for k, v in llm.items()}})
+        spec = RunSpec(idea=idea, scenes=scenes, target_seconds=target_seconds,
+                       style=settings.style, engine=settings.engine,
+                       output_dir=output or Path(settings.output_dir), run_name=run_name)
+        check_target_reachable(scenes, target_seconds, settings.video)
+        RunFolder(spec).check_identity()
+        from flows.pipeline import story_to_video
+
+        _terminal_logs_without_tracebacks()
         final = story_to_video(
             idea=idea, scenes=scenes, target_seconds=target_seconds, style=style,
             engine=engine, output_dir=str(output) if output else None,
-            config_file=str(config) if config else None,
-            llm=_llm_overrides(llm_backend, llm_url, llm_model) or None, run_name=run_name,
+            config_file=str(config) if config else None, llm=llm or None, run_name=run_name,
         )
-    except USER_ERRORS as err:
-        _fail(err)
     typer.echo(final)
 
 
@@ -89,32 +148,35 @@ def batch(
     config: ConfigOpt = None,
 ) -> None:
     """One video per idea; a failed idea never stops the others. Prints the summary path."""
-    from flows.pipeline import story_to_video
+    from .batch import load_batch
 
-    from .batch import BatchFileError, load_batch
-
-    try:
+    with _errors():
         settings = load_settings(config, {"engine": engine})
+        # --scenes and --target-seconds checked as a run checks them, before any work
+        RunSpec(idea="batch", scenes=scenes, target_seconds=target_seconds,
+                style=settings.style, engine=settings.engine, output_dir=Path("."))
         parsed = load_batch(file)
         for problem in parsed.problems:
-            typer.echo(f"warning: {file}: {problem.where}: {problem.reason} (skipped)",
-                       err=True)
+            typer.echo(f"warning: {file}: {problem.where}: {one_line(problem.reason)} "
+                       "(skipped)", err=True)
         if not parsed.entries:
             raise BatchFileError(f"{file} has no usable idea")
+        from flows.pipeline import story_to_video
+
+        _terminal_logs_without_tracebacks()
         summary = story_to_video(batch=str(file), scenes=scenes, target_seconds=target_seconds,
                                  engine=settings.engine,
                                  output_dir=str(output) if output else None,
                                  config_file=str(config) if config else None)
-    except (*USER_ERRORS, BatchFileError) as err:
-        _fail(err)
     data = json.loads(Path(summary).read_text())
     typer.echo(f"done {len(data['done'])}, failed {len(data['failed'])}, "
                f"skipped {len(data['skipped'])}", err=True)
     for item in data["failed"]:
-        typer.echo(f"failed {item['where']} ({item['idea']}): {item['reason']}", err=True)
+        typer.echo(f"failed {item['where']} ({one_line(item['idea'], 80)}): "
+                   f"{one_line(item['reason'])}", err=True)
     typer.echo(summary)
     if data["failed"]:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 @app.command()
@@ -131,15 +193,16 @@ def plan(
 ) -> None:
     """Write the story and the validated shot plan; with --json, stdout holds only JSON."""
     from .llm import open_llm
-    from .planner import Planner, plan_from_story
+    from .planner import Planner, check_target_reachable, plan_from_story
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    with _errors():
         settings = load_settings(config, {"style": style, **{
             f"llm.{k}": v for k, v in _llm_overrides(llm_backend, llm_url, llm_model).items()}})
         spec = RunSpec(idea=idea, scenes=scenes, target_seconds=target_seconds,
                        style=settings.style, engine=settings.engine, output_dir=Path("."))
+        check_target_reachable(spec.scenes, spec.target_seconds, settings.video)
         with open_llm(settings.llm) as llm:
             planner = Planner(llm, max_tries=settings.llm.max_repair_tries,
                               temperature=settings.llm.temperature)
@@ -147,26 +210,27 @@ def plan(
             result = plan_from_story(planner, idea=spec.idea, story=story, style=spec.style,
                                      scenes=spec.scenes, target_seconds=spec.target_seconds,
                                      video=settings.video)
-    except USER_ERRORS as err:
-        _fail(err)
-    if as_json:
+    if as_json:  # JSON escapes every control character itself
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
         return
-    typer.echo(f"{result.idea}  ({result.duration_s:.1f}s, {len(result.shots)} shots)\n")
-    typer.echo(result.story + "\n")
+    # LLM text goes to the terminal only through textsafe: no escape sequence survives.
+    typer.echo(f"{terminal(result.idea)}  ({result.duration_s:.1f}s, {len(result.shots)} "
+               "shots)\n")
+    typer.echo(terminal(result.story) + "\n")
     for scene in result.scenes:
-        typer.echo(f"Scene {scene.index + 1}: {scene.title} - {scene.setting}")
+        typer.echo(f"Scene {scene.index + 1}: {one_line(scene.title, 200)} - "
+                   f"{one_line(scene.setting, 400)}")
         for shot in scene.shots:
-            typer.echo(f"  {shot.id} [{shot.frames} f, {shot.camera}] {shot.action}")
+            typer.echo(f"  {shot.id} [{shot.frames} f, {shot.camera}] {one_line(shot.action)}")
 
 
 def _check(label: str, fn: Any) -> bool:
     try:
         detail = fn()
-        typer.echo(f"[ok]   {label}: {detail}")
+        typer.echo(f"[ok]   {label}: {one_line(str(detail), 1000)}")
         return True
     except Exception as err:  # doctor reports every failure, it never stops at one
-        typer.echo(f"[FAIL] {label}: {err}")
+        typer.echo(f"[FAIL] {label}: {one_line(str(err), 1000) or type(err).__name__}")
         return False
 
 
@@ -255,10 +319,8 @@ def doctor(
     target_seconds: SecondsOpt = 12.0,
 ) -> None:
     """Check everything a night needs and say what to fix; exits 1 when something fails."""
-    try:
+    with _errors():
         settings = load_settings(config)
-    except ConfigError as err:
-        _fail(err)
     checks = [
         _check(f"LLM ({settings.llm.backend})", lambda: _llm_status(settings)),
         _check(f"engine ({settings.engine})", lambda: _engine_status(settings)),
@@ -268,7 +330,7 @@ def doctor(
         _check("disk", lambda: _disk_status(settings, batch_file, target_seconds)),
     ]
     if not all(checks):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 workflows_app = typer.Typer(help="ComfyUI workflows: check them before spending GPU time.")
@@ -284,10 +346,16 @@ def workflows_check(
         "--comfyui-url", help="also check classes, inputs and model files against it")] = None,
 ) -> None:
     """Check a workflow and its binding; exits non-zero with the reasons."""
-    from .engines.comfyui import BoundWorkflow, ComfyUIClient, ComfyUIError
+    from .config import check_url
+    from .engines.comfyui import BoundWorkflow, ComfyUIClient
 
     binding = binding or file.with_name(file.name.removesuffix(".json") + ".binding.toml")
-    try:
+    with _errors():
+        if comfyui_url:
+            try:
+                check_url(comfyui_url)
+            except ValueError as err:
+                raise ConfigError(f"--comfyui-url {comfyui_url!r}: {err}") from None
         bound = BoundWorkflow.load(binding, file)
         problems: list[str] = []
         if comfyui_url:
@@ -296,12 +364,10 @@ def workflows_check(
                 problems = bound.online_problems(client.object_info())
             finally:
                 client.close()
-    except ComfyUIError as err:
-        _fail(err)
     for p in problems:
-        typer.echo(f"problem: {p}", err=True)
+        typer.echo(f"problem: {one_line(p, 1000)}", err=True)
     if problems:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_SOME_FAILED)
     where = f" and against {comfyui_url}" if comfyui_url else " (offline checks only)"
     typer.echo(f"ok: {file} with {binding} checks out{where}")
 
@@ -325,7 +391,7 @@ def broker_plan(
     from pydantic import ValidationError
 
     from resource_broker.cost_model import CostModel
-    from resource_broker.policy import BudgetTooSmall, plan_shot
+    from resource_broker.policy import plan_shot
 
     from .models import Shot
 
@@ -366,4 +432,17 @@ def main() -> None:  # pragma: no cover - console entry
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    app()
+    for stream in (sys.stdout, sys.stderr):  # a character the terminal cannot show becomes ?
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    try:
+        app()
+    except BrokenPipeError:  # `story-to-video plan --json | head`: the reader left, fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_SOME_FAILED)
+    except Exception as err:  # the last resort: a bug still ends in one line, not a traceback
+        if os.environ.get("STV_DEBUG"):
+            raise
+        typer.echo(f"error: unexpected {type(err).__name__}: {one_line(str(err))} (if it "
+                   "persists, run again with STV_DEBUG=1 and report the traceback)", err=True)
+        sys.exit(EXIT_BUG)

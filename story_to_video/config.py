@@ -7,8 +7,10 @@ given, and what is allowed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -35,19 +37,54 @@ class ConfigError(ValueError):
     """A setting is invalid; the message names the field and what is allowed."""
 
 
+def check_url(v: str) -> str:
+    """An http(s) URL with a host and a valid port, no spaces and no credentials (they would
+    show in logs and messages)."""
+    if not v.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in v):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(v)
+        port = parts.port  # raises for a port that is not a number in 0..65535
+    except ValueError as err:
+        raise ValueError(f"is not a valid URL ({err})") from None
+    if not parts.hostname:
+        raise ValueError("has no host name, e.g. http://localhost:1234/v1")
+    if port == 0:
+        raise ValueError("port 0 is not a port a server listens on")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold a user or password; give the key via llm.api_key_env")
+    return v
+
+
+_SECRET_NAME = re.compile(r"key|token|secret|passw|auth|cred", re.IGNORECASE)
+
+
 class LLMSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     backend: LLMBackendName = "llamacpp-embedded"
     base_url: str | None = Field(
         default=None, description="OpenAI-compatible base URL; defaults per backend"
     )
-    model: str | None = Field(default=None, description="model name; None = the server's first")
+    model: str | None = Field(default=None, min_length=1, max_length=200,
+                              description="model name; None = the server's first")
     api_key_env: str | None = Field(
         default=None, description="name of the env variable holding the API key (never logged)"
     )
     structured_output: StructuredMode = "auto"
-    timeout_s: float = Field(default=300.0, gt=0, le=3600)
-    connect_retries: int = Field(default=3, ge=0, le=10)
+    timeout_s: float = Field(default=300.0, gt=0, le=3600,
+                             description="no data from the server this long: it stalled")
+    connect_retries: int = Field(default=3, ge=0, le=10, description="retries of a failed call: "
+                                 "refused connection, 408/429/5xx, dropped or cut-off stream")
+    call_deadline_s: float = Field(default=600.0, gt=0, le=86400,
+                                   description="one LLM call, its retries included")
+    stage_deadline_s: float = Field(default=1800.0, gt=0, le=86400,
+                                    description="story, bible or scenes, repairs included")
+    retry_wait_max_s: float = Field(default=30.0, ge=0, le=600,
+                                    description="longest Retry-After honoured; longer fails")
+    max_reply_chars: int = Field(default=200_000, ge=1000, le=10_000_000,
+                                 description="hard cap on one reply (story or JSON)")
     max_repair_tries: int = Field(default=3, ge=1, le=10)
     temperature: float = Field(default=0.7, ge=0, le=2)
     # Embedded server only.
@@ -59,9 +96,15 @@ class LLMSettings(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/") if v else v
+        return check_url(v).rstrip("/") if v is not None else v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", v):
+            raise ValueError("must be the name of an environment variable (letters, digits, _)"
+                             " that holds the key, not the key itself")
+        return v
 
     def resolved_base_url(self) -> str | None:
         """The URL to use, or None for the embedded server (its port is chosen at start)."""
@@ -109,6 +152,8 @@ class ComfyUISettings(BaseModel):
                               "shot, so nothing is answered from it")
     decode: Literal["auto", "full", "tiled"] = Field(
         default="auto", description="auto: the broker decides per shot; full or tiled: always")
+
+    _url = field_validator("url")(check_url)
 
 
 class BrokerSettings(BaseModel):
@@ -168,14 +213,58 @@ def _config_file_in_use() -> Path | None:
     return default if default.is_file() else None
 
 
+def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the settings section that `loc` (an error location) points into."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
+
+
+def _shown_value(name: str, given: Any) -> str:
+    """The offending value as the message shows it; never one that may hold a secret."""
+    if isinstance(given, dict):
+        return "{...}"
+    if _SECRET_NAME.search(name) or (isinstance(given, str) and "@" in given):
+        return "(value not shown)"
+    return repr(given)
+
+
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(settings)"
-        given = e.get("input")
-        shown = repr(given) if not isinstance(given, dict) else "{...}"
+        if e["type"] == "extra_forbidden":  # a misplaced key must not be printed back
+            known = ", ".join(_known_fields(e["loc"]))
+            lines.append(f"invalid setting {field} (value not shown): Extra inputs are not "
+                         f"permitted; this section has: {known}")
+            continue
+        shown = _shown_value(str(e["loc"][-1]) if e["loc"] else "", e.get("input"))
         lines.append(f"invalid setting {field}={shown}: {e['msg']}")
     return "\n".join(lines)
+
+
+def _config_path(config_file: str | Path | None) -> Path | None:
+    """The file given by --config or else STV_CONFIG, which must then exist: a name that
+    is wrong is an error, never silently ignored."""
+    origin = "config file"
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file, origin = os.environ[CONFIG_ENV], f"config file from {CONFIG_ENV}"
+    if config_file is None:
+        return None
+    path = Path(config_file)
+    if not path.exists():
+        raise ConfigError(f"{origin} {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{origin} {path} is not a file")
+    try:
+        path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{origin} {path} cannot be read: {err.strerror}") from None
+    return path
 
 
 def load_settings(
@@ -183,18 +272,14 @@ def load_settings(
 ) -> Settings:
     """Build settings; `overrides` (CLI flags) win over env, which wins over the TOML file."""
     global _explicit_file
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        _explicit_file = path
+    _explicit_file = _config_path(config_file)
     try:
         clean = {k: v for k, v in (overrides or {}).items() if v is not None}
         # pydantic-settings deep-merges init values over env and TOML, field by field.
         return Settings(**_nest(clean))
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
-    except ValueError as err:  # TOML syntax errors and friends
+    except (ValueError, RecursionError) as err:  # TOML syntax, not UTF-8, nesting, env JSON
         raise ConfigError(f"config: {err}") from None
     finally:
         _explicit_file = None

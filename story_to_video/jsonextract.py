@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .textsafe import clean_json
+
 # Replies beyond this are not plans; refusing early keeps a 10 MB reply from costing minutes.
 MAX_REPLY_CHARS = 200_000
 _MAX_CANDIDATES = 200
@@ -23,12 +25,17 @@ def extract_json_object(text: str) -> dict[str, Any]:
     if not stripped:
         raise JSONExtractError("reply is empty")
     try:
-        value = json.loads(stripped)
-    except json.JSONDecodeError:
-        value = _first_object(stripped)
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError:
+            value = _first_object(stripped)
+    except RecursionError:
+        raise JSONExtractError("reply is JSON nested too deeply to be a plan") from None
     if not isinstance(value, dict):
         raise JSONExtractError(f"reply is JSON but a {type(value).__name__}, not an object")
-    return value
+    # "\u001b" or "\ud800" escapes decode to control characters and lone surrogates.
+    cleaned: dict[str, Any] = clean_json(value)
+    return cleaned
 
 
 def _first_object(text: str) -> Any:

@@ -47,20 +47,32 @@ def claim(path: Path) -> bool:
     return False
 
 
-def _stale(path: Path) -> bool:
+def _owner_of(path: Path) -> dict[str, object] | None:
+    """The claim's owner; None when the claim is unreadable or not what claim() writes."""
     try:
         owner = json.loads(path.read_text())
     except (OSError, ValueError):
-        return True  # an unreadable claim was cut off mid-write by a killed worker
-    if owner.get("host") != socket.gethostname():
+        return None  # cut off mid-write by a killed worker, or not a claim at all
+    ok = (isinstance(owner, dict) and isinstance(owner.get("pid"), int)
+          and isinstance(owner.get("host"), str))
+    return owner if ok else None
+
+
+def _stale(path: Path) -> bool:
+    owner = _owner_of(path)
+    if owner is None:
+        return True
+    if owner["host"] != socket.gethostname():
         return False  # another machine's process: cannot check, assume alive
-    return not _alive(int(owner.get("pid", 0)))
+    pid = owner["pid"]
+    return not (isinstance(pid, int) and pid > 0 and _alive(pid))
 
 
 def release(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        owner = json.loads(path.read_text())
-        if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+    owner = _owner_of(path)
+    if owner is not None and owner["pid"] == os.getpid() and \
+            owner["host"] == socket.gethostname():
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ from .jsonextract import JSONExtractError, extract_json_object
 from .llm.base import LLMBackend, LLMError, Message
 from .models import (
     CAMERA_MOVES,
+    DURATION_TOLERANCE,
     MAX_FRAMES,
     MIN_FRAMES,
     Bible,
@@ -31,6 +33,8 @@ from .models import (
     Shot,
     ShotPlan,
 )
+from .run import InputError
+from .textsafe import clean
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -50,6 +54,7 @@ CAMERA_PHRASES = {
     "handheld": "handheld camera, slight shake",
 }
 _SHOWN_OUTPUT = 1500
+DEFAULT_STAGE_DEADLINE_S = 1800.0
 
 
 class PlanningError(LLMError):
@@ -88,12 +93,26 @@ class Planner:
         max_tries: int = 3,
         temperature: float = 0.7,
         on_token: Callable[[str], None] | None = None,
+        stage_deadline_s: float | None = None,
     ) -> None:
         self.llm = llm
         self.max_tries = max_tries
         self.temperature = temperature
         self.on_token = on_token
         self.attempts: list[Attempts] = []
+        # Story, bible and scenes each get this long, repairs included; by default what
+        # the backend was configured with (llm.stage_deadline_s).
+        self.stage_deadline_s = float(
+            stage_deadline_s if stage_deadline_s is not None
+            else getattr(llm, "stage_deadline_s", DEFAULT_STAGE_DEADLINE_S))
+
+    def _time_left(self, what: str, started: float, tries: int) -> float:
+        left = started + self.stage_deadline_s - time.monotonic()
+        if left <= 0:
+            raise PlanningError(f"{what}: no valid reply within the stage deadline of "
+                                f"{self.stage_deadline_s:.0f}s (llm.stage_deadline_s) after "
+                                f"{tries} tr{'y' if tries == 1 else 'ies'}")
+        return left
 
     def _messages(self, user: str) -> list[Message]:
         return [{"role": "system", "content": prompts.render("system")},
@@ -103,15 +122,17 @@ class Planner:
     def write_story(self, idea: str, style: str, scenes: int) -> str:
         words = 60 * scenes
         user = prompts.render("story", idea=idea, style=style, scenes=scenes, words=words)
-        for _ in range(2):
+        started = time.monotonic()
+        for n in range(2):
             done = self.llm.complete(
                 self._messages(user), max_tokens=int(words * 2.5) + 64,
                 temperature=self.temperature, on_token=self.on_token,
+                deadline_s=self._time_left("story", started, n),
             )
             log.info("story: %d tokens in %.1fs (%.0f tok/s)",
                      done.completion_tokens, done.seconds, done.tokens_per_s)
             self.attempts.append(Attempts("story", 1, [], done.completion_tokens, done.seconds))
-            story = done.text.strip()
+            story = clean(done.text).strip()
             if len(story) >= 20:
                 return story
             log.warning("story reply too short (%d chars); asking again", len(story))
@@ -133,10 +154,13 @@ class Planner:
         self.attempts.append(record)
         last_text = ""
         errors: list[str] = []
+        started = time.monotonic()
         for attempt in range(1, self.max_tries + 1):
+            left = self._time_left(what, started, attempt - 1)
             record.tries = attempt
             reply = self.llm.complete_json(
-                messages, schema, max_tokens=max_tokens, temperature=self.temperature
+                messages, schema, max_tokens=max_tokens, temperature=self.temperature,
+                deadline_s=left,
             )
             record.tokens += reply.completion_tokens
             record.seconds += reply.seconds
@@ -261,6 +285,17 @@ def min_shots_per_scene(target_seconds: float, fps: int, scenes: int) -> int:
     return max(1, math.ceil(target_seconds * fps / MAX_FRAMES / scenes))
 
 
+def check_target_reachable(scenes: int, target_seconds: float, video: VideoSettings) -> None:
+    """Refuse, before any LLM call, a target that no plan within the limits can reach."""
+    most = scenes * video.max_shots_per_scene * MAX_FRAMES / video.fps
+    if target_seconds - most > DURATION_TOLERANCE * target_seconds + 1.0:
+        raise InputError(
+            f"target_seconds {target_seconds:g} cannot be reached: {scenes} scene(s) x at most "
+            f"{video.max_shots_per_scene} shots (video.max_shots_per_scene) x {MAX_FRAMES} "
+            f"frames at {video.fps} fps = {most:.1f}s. Use more scenes or shots per scene, a "
+            "lower fps, or a shorter target")
+
+
 def base_seed(idea: str, seed: int | None) -> int:
     if seed is not None:
         return seed
@@ -316,6 +351,7 @@ def plan_from_story(
     planner: Planner, *, idea: str, story: str, style: str, scenes: int,
     target_seconds: float, video: VideoSettings,
 ) -> ShotPlan:
+    check_target_reachable(scenes, target_seconds, video)
     bible = planner.make_bible(story, style)
     min_shots = min(min_shots_per_scene(target_seconds, video.fps, scenes),
                     video.max_shots_per_scene)

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic import atomic_path, write_text_atomic
 from .engines.video_io import read_frame
 from .models import ShotPlan
+from .textsafe import md, md_block
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +61,22 @@ def vram_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def render_markdown(plan: ShotPlan, records: list[dict[str, Any]], *, final: str,
                     sheet: str | None, plot: str | None, run_info: dict[str, Any]) -> str:
-    lines = [f"# {plan.idea}", ""]
+    # LLM text (and the idea, the server's model name) is escaped: shown, never rendered.
+    lines = [f"# {md(plan.idea)}", ""]
     if run_info.get("preview"):
         lines += ["> PREVIEW run: animatic clips from the preview engine, not generations.",
                   ""]
     lines += [f"- final video: [{final}]({final})",
-              f"- engine: {run_info.get('engine')}; LLM: {run_info.get('llm')}; prompts "
+              f"- engine: {run_info.get('engine')}; LLM: {md(str(run_info.get('llm')))}; prompts "
               f"{plan.prompt_version}",
               f"- {len(plan.scenes)} scenes, {len(plan.shots)} shots, {plan.duration_s:.1f}s "
               f"(target {plan.target_seconds:.1f}s)", ""]
     if sheet:
         lines += ["## Contact sheet", "", f"![contact sheet]({sheet})", ""]
-    lines += ["## Story", "", plan.story, "", "## Bible", "",
-              f"- style: {plan.bible.style}", f"- palette: {plan.bible.palette}"]
-    lines += [f"- {c.name}: {c.look}; wears {c.wardrobe}" for c in plan.bible.characters]
+    lines += ["## Story", "", md_block(plan.story), "", "## Bible", "",
+              f"- style: {md(plan.bible.style)}", f"- palette: {md(plan.bible.palette)}"]
+    lines += [f"- {md(c.name)}: {md(c.look)}; wears {md(c.wardrobe)}"
+              for c in plan.bible.characters]
     lines += ["", "## Shots", "", "| shot | clip | frames | fps | camera | seconds | note |",
               "|---|---|---|---|---|---|---|"]
     by_id = {r["shot_id"]: r for r in records}
@@ -96,7 +99,7 @@ def render_markdown(plan: ShotPlan, records: list[dict[str, Any]], *, final: str
     if plot:
         lines += ["", f"![VRAM timeline]({plot})"]
     lines += ["", "## Prompts", ""]
-    lines += [f"- **{s.id}**: {s.prompt}" for s in plan.shots]
+    lines += [f"- **{s.id}**: {md(s.prompt)}" for s in plan.shots]
     return "\n".join(lines) + "\n"
 
 

@@ -27,9 +27,10 @@ class _Progress:
 @task(name="write-story", cache_policy=NO_CACHE)
 def write_story(llm: LLMBackend, folder: RunFolder, temperature: float = 0.7) -> str:
     log = get_run_logger()
-    if folder.story_path.is_file():
+    saved = folder.load_story()  # an unusable saved story is set aside and asked again
+    if saved is not None:
         log.info("story: reusing %s", folder.story_path)
-        return folder.story_path.read_text(encoding="utf-8")
+        return saved
     spec = folder.spec
     planner = Planner(llm, temperature=temperature, on_token=_Progress())
     story = planner.write_story(spec.idea, spec.style, spec.scenes)

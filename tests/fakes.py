@@ -23,7 +23,8 @@ class ScriptedLLM:
         return "scripted"
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
-                 on_token: TokenCallback | None = None) -> Completion:
+                 on_token: TokenCallback | None = None,
+                 deadline_s: float | None = None) -> Completion:
         self.sent.append(messages)
         for word in self.story.split():
             if on_token:
@@ -31,7 +32,8 @@ class ScriptedLLM:
         return Completion(self.story, len(self.story.split()), 0.01)
 
     def complete_json(self, messages: list[Message], schema: dict[str, Any], *,
-                      max_tokens: int, temperature: float) -> Completion:
+                      max_tokens: int, temperature: float,
+                      deadline_s: float | None = None) -> Completion:
         self.sent.append(messages)
         self.schemas.append(schema)
         if not self.replies:

@@ -7,13 +7,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import LLMSettings
-from .base import Completion, LLMBackend, LLMError, LLMModelNotFound, LLMUnavailable, Message
+from .base import (
+    Completion,
+    LLMBackend,
+    LLMConfigError,
+    LLMError,
+    LLMModelNotFound,
+    LLMNotReachable,
+    LLMReplyError,
+    LLMUnavailable,
+    Message,
+)
 from .embedded import EmbeddedLlamaServer
 from .openai_backend import OpenAICompatibleBackend
 
 __all__ = [
-    "Completion", "EmbeddedLlamaServer", "LLMBackend", "LLMError", "LLMModelNotFound",
-    "LLMUnavailable", "Message", "OpenAICompatibleBackend", "open_llm",
+    "Completion", "EmbeddedLlamaServer", "LLMBackend", "LLMConfigError", "LLMError",
+    "LLMModelNotFound", "LLMNotReachable", "LLMReplyError", "LLMUnavailable", "Message",
+    "OpenAICompatibleBackend", "open_llm",
 ]
 
 
@@ -21,7 +32,9 @@ def _backend(cfg: LLMSettings, base_url: str) -> OpenAICompatibleBackend:
     return OpenAICompatibleBackend(
         base_url, backend=cfg.backend, model=cfg.model, api_key=cfg.api_key(),
         structured_mode=cfg.structured_output, timeout_s=cfg.timeout_s,
-        connect_retries=cfg.connect_retries,
+        connect_retries=cfg.connect_retries, call_deadline_s=cfg.call_deadline_s,
+        stage_deadline_s=cfg.stage_deadline_s, retry_wait_max_s=cfg.retry_wait_max_s,
+        max_reply_chars=cfg.max_reply_chars,
     )
 
 

@@ -11,15 +11,32 @@ TokenCallback = Callable[[str], None]
 
 
 class LLMError(RuntimeError):
-    """Base for LLM failures; messages are meant for the user as they are."""
+    """Base for LLM failures; messages are meant for the user as they are.
+
+    Unless a subclass says otherwise, the server (or the model on it) failed: the CLI exits
+    with its "a service failed" code.
+    """
 
 
 class LLMUnavailable(LLMError):
-    """The server cannot be reached or does not answer."""
+    """The server cannot be reached, does not answer in time, or keeps failing."""
 
 
-class LLMModelNotFound(LLMError):
+class LLMReplyError(LLMError):
+    """The server answered, but not with a usable reply (not JSON, no choices, too large)."""
+
+
+class LLMConfigError(LLMError):
+    """The settings do not fit the server: wrong URL, refused API key. Bad input."""
+
+
+class LLMModelNotFound(LLMConfigError):
     """The configured model is not one the server offers."""
+
+
+class LLMNotReachable(LLMConfigError, LLMUnavailable):
+    """Nothing answers at the URL on first contact: the server is not started, or the
+    settings point at the wrong place. Bad input, unlike a server failing mid-run."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +64,10 @@ class LLMBackend(Protocol):
         max_tokens: int,
         temperature: float,
         on_token: TokenCallback | None = None,
-    ) -> Completion: ...
+        deadline_s: float | None = None,
+    ) -> Completion:
+        """Stream a text reply. `deadline_s` shortens the call's own deadline (stage time)."""
+        ...
 
     def complete_json(
         self,
@@ -56,6 +76,7 @@ class LLMBackend(Protocol):
         *,
         max_tokens: int,
         temperature: float,
+        deadline_s: float | None = None,
     ) -> Completion: ...
 
     def models(self) -> list[str]: ...

@@ -26,6 +26,8 @@ BINDABLE = ("prompt", "negative_prompt", "seed", "frames", "width", "height", "f
             "start_image", "steps", "split_step", "lora_strength_high", "lora_strength_low",
             "filename_prefix", "blocks_to_swap")
 MODELS = ("wan2.2-14b", "wan2.2-5b", "wan2.1-14b", "wan2.1-1.3b")
+# What a bound input must hold in the workflow before binding (the value it replaces).
+TEXT_INPUTS = ("prompt", "negative_prompt", "filename_prefix", "start_image")
 
 
 class BindingNodes(BaseModel):
@@ -71,13 +73,27 @@ class Binding(BaseModel):
         return self.nodes.high_sampler is not None and self.nodes.low_sampler is not None
 
 
-def load_workflow(path: Path) -> Workflow:
+def _read_text(path: Path, what: str) -> str:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise WorkflowError(f"workflow file {path} does not exist") from None
+        raise WorkflowError(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise WorkflowError(f"{what} file {path} is a folder, not a file") from None
+    except OSError as err:
+        raise WorkflowError(f"{what} file {path} cannot be read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise WorkflowError(f"{what} file {path} is not UTF-8 text (byte {err.start})") from None
+
+
+def load_workflow(path: Path) -> Workflow:
+    text = _read_text(path, "workflow")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise WorkflowError(f"workflow {path} is not JSON: {err}") from None
+    except RecursionError:
+        raise WorkflowError(f"workflow {path} is JSON nested too deeply") from None
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise WorkflowError(
             f"{path} is a UI-format workflow (it has 'nodes' and 'links'). Export the API "
@@ -93,11 +109,12 @@ def load_workflow(path: Path) -> Workflow:
 
 
 def load_binding(path: Path) -> Binding:
+    text = _read_text(path, "binding")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(text)
         return Binding.model_validate(raw)
-    except FileNotFoundError:
-        raise WorkflowError(f"binding file {path} does not exist") from None
+    except RecursionError:
+        raise WorkflowError(f"binding {path} is TOML nested too deeply") from None
     except tomllib.TOMLDecodeError as err:
         raise WorkflowError(f"binding {path} is not valid TOML: {err}") from None
     except ValidationError as err:
@@ -128,6 +145,10 @@ class BoundWorkflow:
 
     def offline_problems(self) -> list[str]:
         wf, out = self.workflow, []
+        for node_id, spec in wf.items():
+            if not isinstance(spec["class_type"], str) or not spec["class_type"].strip():
+                out.append(f"node {node_id}: class_type must be a class name, got "
+                           f"{spec['class_type']!r}")
         for name, targets in self.binding.inputs.items():
             for node, inp in targets:
                 if node not in wf:
@@ -135,13 +156,12 @@ class BoundWorkflow:
                 elif inp not in wf[node]["inputs"]:
                     out.append(f"binding {name}: node {node} ({wf[node]['class_type']}) has "
                                f"no input {inp!r}")
+                else:
+                    out += _bound_value_problems(name, node, inp, wf[node]["inputs"][inp])
         for role, nid in self.binding.nodes.model_dump().items():
             if nid is not None and nid not in wf:
                 out.append(f"binding nodes.{role}: node {nid} is not in the workflow")
-        for node_id, spec in wf.items():
-            for inp, val in spec["inputs"].items():
-                if _is_link(val) and str(val[0]) not in wf:
-                    out.append(f"node {node_id} input {inp} links to missing node {val[0]}")
+        out += _link_problems(wf)
         for field in ("prompt", "seed", "frames", "width", "height"):
             if field not in self.binding.inputs:
                 out.append(f"binding has no {field!r} input: the shot's {field} cannot be set")
@@ -191,7 +211,68 @@ class BoundWorkflow:
 
 
 def _is_link(val: Any) -> bool:
-    return isinstance(val, list) and len(val) == 2 and isinstance(val[1], int)
+    return (isinstance(val, list) and len(val) == 2 and isinstance(val[1], int)
+            and not isinstance(val[1], bool))
+
+
+def _bound_value_problems(name: str, node: str, inp: str, value: Any) -> list[str]:
+    """A bound input replaces a value of its kind; a link there would be cut out of the
+    graph, and a value of another type means the binding points at the wrong input."""
+    where = f"binding {name}: node {node} input {inp!r}"
+    if _is_link(value):
+        return [f"{where} is a link to node {value[0]}; a bound input must hold a value"]
+    if name in TEXT_INPUTS:
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    kind = "text" if name in TEXT_INPUTS else "a number"
+    return [] if ok else [f"{where} holds {value!r}, not {kind}"]
+
+
+def _link_problems(wf: Workflow) -> list[str]:
+    """Links must point at existing nodes' outputs, and never in a circle (ComfyUI would
+    refuse the prompt, or wait forever)."""
+    out: list[str] = []
+    sources: dict[str, list[str]] = {}
+    for node_id, spec in wf.items():
+        for inp, val in spec["inputs"].items():
+            if not _is_link(val):
+                continue
+            src = str(val[0])
+            if src not in wf:
+                out.append(f"node {node_id} input {inp} links to missing node {val[0]}")
+            elif val[1] < 0:
+                out.append(f"node {node_id} input {inp} links to output {val[1]} of node "
+                           f"{src}; outputs count from 0")
+            else:
+                sources.setdefault(node_id, []).append(src)
+    cycle = _find_cycle(list(wf), sources)
+    if cycle:
+        out.append("links form a cycle: " + " -> ".join(cycle))
+    return out
+
+
+def _find_cycle(nodes: list[str], sources: dict[str, list[str]]) -> list[str]:
+    """One cycle in the link graph (as node ids, first repeated last), or [] (iterative
+    depth-first search: a hostile workflow cannot exhaust the stack)."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 finished
+    for root in nodes:
+        if root in state:
+            continue
+        path, stack = [root], [iter(sources.get(root, []))]
+        state[root] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sources.get(nxt, [])))
+    return []
 
 
 def _combo_options(spec: Any) -> list[Any] | None:
