@@ -80,16 +80,20 @@ Links = DiskLinks | UILinks
 
 
 def inline_image(path: Path) -> str:
-    """A data: URI of the image, PNG kept lossless below INLINE_MAX_WIDTH, else scaled."""
+    """A data: URI of the image for the UI copy: scaled to INLINE_MAX_WIDTH at most, as PNG
+    or JPEG (quality 85), whichever is smaller: frames of real clips are photographs (JPEG
+    is several times smaller), plots are line art (PNG is)."""
     with Image.open(path) as img:
-        if img.width <= INLINE_MAX_WIDTH:
-            data = path.read_bytes()
-        else:
+        img = img.convert("RGB")
+        if img.width > INLINE_MAX_WIDTH:
             img.thumbnail((INLINE_MAX_WIDTH, INLINE_MAX_WIDTH * 4))
+        encoded = []
+        for fmt, options in (("PNG", {"optimize": True}), ("JPEG", {"quality": 85})):
             buf = io.BytesIO()
-            img.save(buf, format="PNG", optimize=True)
-            data = buf.getvalue()
-    return "data:image/png;base64," + base64.b64encode(data).decode()
+            img.save(buf, format=fmt, **options)
+            encoded.append((len(buf.getvalue()), fmt.lower(), buf.getvalue()))
+    _size, kind, data = min(encoded)
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
 
 
 # -- tables ---------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def test_ui_copy_inlines_images_and_links_videos_to_the_media_server(tmp_path: P
     text = render_markdown(plan, [record(plan, 0)], root=root,
                            links=UILinks("http://gpu-box:4300", root), sheet=sheet, plot=plot,
                            run_info={"engine": "preview", "preview": True, "llm": "x"})
-    assert "![contact sheet](data:image/png;base64," in text
+    assert "![contact sheet](data:image/png;base64," in text  # flat colour: PNG is smaller
     assert "![VRAM timeline](data:image/png;base64," in text
     assert "[final.mp4](http://gpu-box:4300/a-whale-sings-1234abcd/final.mp4)" in text
     assert ("[s01_sh01-abc.mp4](http://gpu-box:4300/a-whale-sings-1234abcd/clips/"
@@ -169,3 +169,27 @@ def test_serve_refuses_a_missing_folder(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["serve", "--dir", str(tmp_path / "nope")])
     assert res.exit_code == 2
     assert "is not a folder: give the folder that holds the run folders" in res.output
+
+
+def test_inline_images_are_scaled_and_take_the_smaller_encoding(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from story_to_video.report import inline_image
+
+    def decode(uri: str) -> tuple[str, Image.Image]:
+        head, data = uri.split(",", 1)
+        return head, Image.open(io.BytesIO(base64.b64decode(data)))
+
+    flat, photo = tmp_path / "plot.png", tmp_path / "sheet.png"
+    Image.new("RGB", (2000, 700), (255, 255, 255)).save(flat)
+    noise = np.random.default_rng(0).normal(128, 40, (69, 96, 3)).clip(0, 255)
+    Image.fromarray(noise.astype("uint8")).resize((960, 690), Image.BICUBIC).save(photo)
+    head, img = decode(inline_image(flat))
+    assert head == "data:image/png;base64" and img.size == (1200, 420)
+    head, img = decode(inline_image(photo))
+    assert head == "data:image/jpeg;base64" and img.size == (960, 690)
+    assert len(inline_image(photo)) < photo.stat().st_size  # smaller than the PNG on disk

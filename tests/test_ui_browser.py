@@ -221,7 +221,7 @@ def test_report_shows_images_and_its_videos_play(night: Night, browser: Callable
     loaded = page.evaluate("[...document.images].filter(i => i.alt)"
                            ".map(i => [i.alt, i.naturalWidth, i.src.slice(0, 22)])")
     assert [a for a, _w, _s in loaded] == images
-    assert all(w > 0 and src == "data:image/png;base64," for _a, w, src in loaded), loaded
+    assert all(w > 0 and src.startswith("data:image/") for _a, w, src in loaded), loaded
     page.screenshot(night.shots / f"report-{key_words(idea, 20)}.png")
     assert not _failed_requests(page)
     assert not _tables_overflowing(page)
