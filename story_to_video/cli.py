@@ -287,6 +287,8 @@ def serve(
     except ConfigError as err:
         _fail(err)
     url = urlsplit(settings.ui.media_url)
+    if not folders:  # the control room may open before the first night: runs land here
+        Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     roots = folders or [Path(settings.output_dir)]
     for root in roots:
         if not root.is_dir():
