@@ -79,7 +79,7 @@ def logs_by_task(client: SyncPrefectClient, flow_run_id: UUID) -> dict[str, list
 
 def test_parent_summary_keys_and_broker_lines(fake: FakeComfyUI, tmp_path: Path,
                                               client: SyncPrefectClient) -> None:
-    idea = "a whale sings"
+    idea = "a heron counts the tide"
     folder = seed_plan(tmp_path, idea)
     kw: dict[str, Any] = {"idea": idea, "scenes": 2, "target_seconds": 10,
                           "engine": "comfyui", "output_dir": str(tmp_path)}
@@ -88,9 +88,9 @@ def test_parent_summary_keys_and_broker_lines(fake: FakeComfyUI, tmp_path: Path,
     slug = f"{key_words(idea)}-{folder.spec.key}"
     for kind in ("report", "vram", "progress"):
         assert len(by_key(client, f"{kind}-{slug}")) == 2, kind
-    summaries = by_key(client, "summary-a-whale-sings")
+    summaries = by_key(client, "summary-a-heron-counts-the-tide")
     assert len(summaries) == 2
-    parent = parent_of(client, "summary-a-whale-sings")
+    parent = parent_of(client, "summary-a-heron-counts-the-tide")
     assert parent.name == idea and parent.parent_task_run_id is None
     text = str(summaries[0].data)
     assert "1 made, 0 failed, 0 skipped" in text
@@ -118,7 +118,7 @@ def test_parent_summary_keys_and_broker_lines(fake: FakeComfyUI, tmp_path: Path,
 
 def test_run_with_no_finished_shot_reports_why(fake: FakeComfyUI, tmp_path: Path,
                                                client: SyncPrefectClient) -> None:
-    idea = "an owl at dusk"
+    idea = "a moth circles a lamp"
     folder = seed_plan(tmp_path, idea)
     fake.faults.oom_at = "KSamplerAdvanced"  # every shot runs out of memory, even leaner
     with pytest.raises(GpuOutOfMemory):
@@ -129,18 +129,18 @@ def test_run_with_no_finished_shot_reports_why(fake: FakeComfyUI, tmp_path: Path
     assert "No shot finished, so there is no contact sheet yet." in report
     art = by_key(client, f"report-{key_words(idea)}-{folder.spec.key}")
     assert len(art) == 1 and "0 of 2 shots done" in str(art[0].data)
-    summary = str(by_key(client, "summary-an-owl-at-dusk")[0].data)
+    summary = str(by_key(client, "summary-a-moth-circles-a-lamp")[0].data)
     assert "0 made, 1 failed" in summary and "| Failed |" in summary
     assert "**Failed**: GpuOutOfMemory" in summary
 
 
 def test_batch_run_shows_a_table_of_its_ideas(fake: FakeComfyUI, tmp_path: Path,
                                              client: SyncPrefectClient) -> None:
-    seed_plan(tmp_path, "a whale sings")
+    seed_plan(tmp_path, "a crab guards a shell")
     file = tmp_path / "night one.jsonl"
-    file.write_text('{"idea": "a whale sings", "scenes": 2, "target_seconds": 10}\n'
+    file.write_text('{"idea": "a crab guards a shell", "scenes": 2, "target_seconds": 10}\n'
                     'not json\n'
-                    '{"idea": "a whale sings", "scenes": 2, "target_seconds": 10}\n'
+                    '{"idea": "a crab guards a shell", "scenes": 2, "target_seconds": 10}\n'
                     '{"idea": "a fox with no plan yet"}\n')
     dead = f"http://127.0.0.1:{free_port()}/v1"
     story_to_video(batch=str(file), engine="comfyui", output_dir=str(tmp_path),
@@ -155,6 +155,6 @@ def test_batch_run_shows_a_table_of_its_ideas(fake: FakeComfyUI, tmp_path: Path,
     assert "[run](" in rows[1] and "[final.mp4](http://media-box:4300/" in rows[1]
     assert "[report](" in rows[1] and "[vram](" in rows[1]
     assert "[run](" in rows[3] and "final.mp4" not in rows[3]
-    assert "line 3: a whale sings: **Skipped**: duplicate of line 1" in text
+    assert "line 3: a crab guards a shell: **Skipped**: duplicate of line 1" in text
     assert "line 4: a fox with no plan yet: **Failed**: LLMUnavailable: " in text
     assert "- line 2: **Skipped**: not JSON" in text
