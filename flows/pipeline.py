@@ -13,10 +13,17 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging.handlers import APILogHandler
 
 from flows.gpu import GpuSession, gpu_session, gpu_slot
+from flows.summary import (
+    VideoOutcome,
+    parent_run_name,
+    publish_batch_table,
+    publish_run_summary,
+    video_run_name,
+)
 from resource_broker.gpu import open_monitor
 from story_to_video.atomic import write_json_atomic
 from story_to_video.batch import load_batch
-from story_to_video.config import Settings, load_settings
+from story_to_video.config import ConfigError, Settings, UISettings, load_settings
 from story_to_video.engines import VideoEngine, make_engine
 from story_to_video.llm import open_llm
 from story_to_video.locks import claimed
@@ -24,9 +31,16 @@ from story_to_video.models import ShotPlan
 from story_to_video.planner import check_target_reachable
 from story_to_video.report import write_report
 from story_to_video.run import RunFolder, RunSpec, safe_name
+from story_to_video.ui import artifact_key, key_words, run_slug
 from tasks.assemble import assemble_video
 from tasks.plan import plan_shots
-from tasks.render import DiskFull, render_shot, render_shots_pass_major
+from tasks.render import (
+    DiskFull,
+    place_llm,
+    render_shot,
+    render_shots_pass_major,
+    restore_llm,
+)
 from tasks.story import write_story
 
 OUR_LOGGERS = ("story_to_video", "resource_broker")
@@ -61,7 +75,7 @@ def prepare(
     return settings, folder
 
 
-@flow(name="video", flow_run_name="video-{idea}")
+@flow(name="video", flow_run_name=video_run_name)
 def make_video(
     idea: str,
     scenes: int = 3,
@@ -94,36 +108,54 @@ def make_video(
                 # Leaving the block stopped an embedded LLM: its VRAM is free for video.
 
     video = make_engine(settings, plan, folder.root)
+    run_info = {"idea": folder.spec.idea, "scenes": folder.spec.scenes,
+                "target_seconds": folder.spec.target_seconds, "style": folder.spec.style,
+                "engine": settings.engine, "preview": video.is_preview, "llm": llm_used,
+                "started_at": started}
+    report = {"media_url": settings.ui.media_url, "slug": run_slug(
+        folder.spec.idea, folder.spec.run_name, folder.spec.key)}
     try:
         video.check_shots(plan.shots)  # e.g. image-to-video without start images: stop now
         with gpu_slot(settings, video), gpu_session(settings, video, folder.root) as gpu:
             records = render_all(video, plan, folder, gpu, settings.comfyui.pass_major)
             plot = gpu.sampler.timeline.plot(folder.root / "vram-timeline.png",
                                              title=f"VRAM: {folder.root.name}")
+    except Exception as err:
+        report_unfinished(folder, plan, video, run_info, report, err)
+        raise
     finally:
         video.close()
 
-    run_info = {"idea": folder.spec.idea, "scenes": folder.spec.scenes,
-                "target_seconds": folder.spec.target_seconds, "style": folder.spec.style,
-                "engine": settings.engine, "preview": video.is_preview, "llm": llm_used,
-                "started_at": started,
-                "broker_events": [e.to_json() for e in gpu.broker.events] if gpu.broker
-                else []}
+    run_info["broker_events"] = [e.to_json() for e in gpu.broker.events] if gpu.broker else []
     with claimed(folder.root / ".assemble.claim"):
         final = assemble_video(folder, plan, records, run_info, settings.video)
-        write_report(folder.root, plan, records, run_info, plot)
+        write_report(folder.root, plan, records, run_info, plot, **report)
     return final
+
+
+def report_unfinished(folder: RunFolder, plan: ShotPlan, video: VideoEngine,
+                      run_info: dict[str, Any], report: dict[str, Any],
+                      err: Exception) -> None:
+    """The report of a run that stopped early: what is done, and why the rest is not."""
+    try:
+        fingerprint = video.fingerprint()
+        records = [r for s in plan.shots
+                   if (r := folder.finished_record(s, folder.shot_key(s, fingerprint)))]
+        write_report(folder.root, plan, records, run_info, None,
+                     failure=f"{type(err).__name__}: {err}", **report)
+    except Exception as report_err:  # never hide the error that stopped the run
+        get_run_logger().warning("could not write the report of the unfinished run: %s",
+                                 report_err)
 
 
 def render_all(video: VideoEngine, plan: ShotPlan, folder: RunFolder,
                gpu: GpuSession, pass_major: bool = False) -> list[dict[str, Any]]:
     """Every shot in plan order, with the broker placing the LLM first and restoring after."""
+    slug = run_slug(folder.spec.idea, folder.spec.run_name, folder.spec.key)
     progress = cast(UUID, create_progress_artifact(
-        0.0, description=f"shots of {folder.root.name}"))
+        0.0, key=artifact_key("progress", slug), description=f"shots of {folder.root.name}"))
     if gpu.broker is not None:
-        first = plan.shots[0]
-        gpu.broker.place_llm_for_video(gpu.broker.plan(first.frames, first.width,
-                                                       first.height, first.id))
+        place_llm(gpu.broker, plan.shots[0])
     found: dict[str, dict[str, Any]] = {}
     if pass_major:
         render_shots_pass_major(video, plan.shots, folder)  # the loop below finds them done
@@ -144,11 +176,11 @@ def render_all(video: VideoEngine, plan: ShotPlan, folder: RunFolder,
                                          description=f"{len(found)}/{len(plan.shots)} shots")
     finally:
         if gpu.broker is not None:
-            gpu.broker.restore_llm()
+            restore_llm(gpu.broker)
     return [found[s.id] for s in plan.shots]
 
 
-@flow(name="story-to-video", log_prints=True)
+@flow(name="story-to-video", flow_run_name=parent_run_name, log_prints=True)
 def story_to_video(
     idea: str = "",
     scenes: int = 3,
@@ -170,9 +202,17 @@ def story_to_video(
                               "config_file": config_file, "llm": llm}
     if batch:
         return run_batch(batch, scenes, target_seconds, common)
-    final = make_video(idea=idea, scenes=scenes, target_seconds=target_seconds,
-                       run_name=run_name, **common)
-    return str(final)
+    state = make_video(idea=idea, scenes=scenes, target_seconds=target_seconds,
+                       run_name=run_name, return_state=True, **common)
+    publish_run_summary(VideoOutcome.from_state(idea, state), _media_url(config_file))
+    return str(state.result())  # raises the video run's error, if it failed
+
+
+def _media_url(config_file: str | None) -> str:
+    try:
+        return load_settings(config_file).ui.media_url
+    except ConfigError:  # the video run has already said what is wrong
+        return UISettings().media_url
 
 
 def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, Any]) -> str:
@@ -180,11 +220,15 @@ def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, 
     log = get_run_logger()
     parsed = load_batch(batch)
     summary: dict[str, list[dict[str, Any]]] = {"done": [], "failed": [], "skipped": []}
+    outcomes: list[VideoOutcome] = []  # the batch table in the UI
     for problem in parsed.problems:
         log.error("batch %s: %s: skipped", problem.where, problem.reason)
         summary["skipped"].append({"where": problem.where, "reason": problem.reason})
+        outcomes.append(VideoOutcome("", "Skipped", reason=problem.reason, where=problem.where))
     seen: dict[tuple[Any, ...], str] = {}
-    progress = cast(UUID, create_progress_artifact(0.0, description=f"batch {batch}"))
+    name = Path(batch).stem
+    progress = cast(UUID, create_progress_artifact(
+        0.0, key=artifact_key("progress-batch", key_words(name)), description=f"batch {batch}"))
     for n, (where, entry) in enumerate(parsed.entries, start=1):
         update_progress_artifact(progress, 100.0 * (n - 1) / len(parsed.entries),
                                  description=f"idea {n}/{len(parsed.entries)}: {entry.idea}")
@@ -200,10 +244,13 @@ def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, 
             reason = f"duplicate of {seen[ident]}"
             log.warning("batch %s: %s: skipped", where, reason)
             summary["skipped"].append({"where": where, "idea": entry.idea, "reason": reason})
+            outcomes.append(VideoOutcome(entry.idea, "Skipped", reason=reason, where=where))
             continue
         seen[ident] = where
+        state = make_video(**params, return_state=True)
+        outcomes.append(VideoOutcome.from_state(entry.idea, state, where))
         try:
-            final = make_video(**params)
+            final = state.result()
             summary["done"].append({"where": where, "idea": entry.idea, "final": final})
         except DiskFull as err:
             log.error("batch stopped: %s", err)
@@ -215,6 +262,7 @@ def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, 
             summary["failed"].append({"where": where, "idea": entry.idea,
                                       "reason": f"{type(err).__name__}: {err}"})
     update_progress_artifact(progress, 100.0, description="batch finished")
+    publish_batch_table(name, outcomes, _media_url(common["config_file"]))
     out_dir = Path(common["output_dir"] or load_settings(common["config_file"]).output_dir)
     out = out_dir / f"batch-{safe_name(Path(batch).stem)}-summary.json"
     write_json_atomic(out, summary)

@@ -333,6 +333,38 @@ def doctor(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
+@app.command()
+def serve(
+    folders: Annotated[list[Path] | None, typer.Option(
+        "--dir", help="folder holding run folders (repeatable); default: output_dir")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="default: from ui.media_url")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="default: from ui.media_url")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the run folders over HTTP so the videos linked in the Prefect UI play."""
+    from urllib.parse import urlsplit
+
+    from .serve import serve as run_server
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as err:
+        _fail(err)
+    url = urlsplit(settings.ui.media_url)
+    if not folders:  # the control room may open before the first night: runs land here
+        Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+    roots = folders or [Path(settings.output_dir)]
+    for root in roots:
+        if not root.is_dir():
+            _fail(InputError(f"{root} is not a folder: give the folder that holds the run "
+                             "folders with --dir"))
+    host, port = host or url.hostname or "127.0.0.1", port or url.port or 80
+    typer.echo(f"serving {', '.join(str(r.resolve()) for r in roots)} at http://{host}:{port}"
+               f" (the UI links to {settings.ui.media_url}: set ui.media_url if that differs)",
+               err=True)
+    run_server(roots, host, port)
+
+
 workflows_app = typer.Typer(help="ComfyUI workflows: check them before spending GPU time.")
 app.add_typer(workflows_app, name="workflows")
 

@@ -171,6 +171,19 @@ class BrokerSettings(BaseModel):
         "one-prompt or staged (high pass, low pass, decode as three prompts): always")
 
 
+class UISettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    media_url: str = Field(default="http://127.0.0.1:4300", description="where `story-to-video "
+                           "serve` serves the run folders; video links in the UI point here")
+
+    @field_validator("media_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STV_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -181,6 +194,7 @@ class Settings(BaseSettings):
     video: VideoSettings = VideoSettings()
     comfyui: ComfyUISettings = ComfyUISettings()
     broker: BrokerSettings = BrokerSettings()
+    ui: UISettings = UISettings()
     output_dir: str = "runs"
     style: str = Field(default="cinematic", min_length=1, max_length=200)
 

@@ -15,6 +15,7 @@ from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
+from resource_broker.broker import Broker
 from story_to_video.atomic import write_json_atomic
 from story_to_video.engines.base import ClipResult, Progress, VideoEngine
 from story_to_video.engines.comfyui.errors import (
@@ -69,8 +70,10 @@ def terminal_bar(p: Progress) -> None:
     sys.stderr.flush()
 
 
+# One delay, not a list: the Prefect UI shows a list as "Retry Delay: NaNs". 20 s covers a
+# ComfyUI restart; the engine itself already reconnects within a shot.
 @task(name="render-shot", task_run_name="render-{shot.id}", cache_policy=NO_CACHE,
-      retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+      retries=2, retry_delay_seconds=20, retry_condition_fn=_transient)
 def render_shot(engine: VideoEngine, shot: Shot, folder: RunFolder,
                 wait_for_others: bool = True) -> dict[str, Any] | None:
     """The shot's record; None when another worker holds it and we are not to wait."""
@@ -163,3 +166,17 @@ def render_shots_pass_major(engine: VideoEngine, shots: list[Shot], folder: RunF
     finally:
         for s in mine:
             release(locks[s.id])
+
+
+# The broker's LLM decisions run as tasks of their own, so that every broker line is in the
+# log of the task it belongs to (the shots' own decisions are in their render tasks).
+@task(name="place-llm", task_run_name="place-llm", cache_policy=NO_CACHE)
+def place_llm(broker: Broker, first: Shot) -> None:
+    """Before the first shot: keep, offload or unload the LLM for the video work."""
+    broker.place_llm_for_video(broker.plan(first.frames, first.width, first.height, first.id))
+
+
+@task(name="restore-llm", task_run_name="restore-llm", cache_policy=NO_CACHE)
+def restore_llm(broker: Broker) -> None:
+    """After the last shot: the LLM gets its GPU share back."""
+    broker.restore_llm()
