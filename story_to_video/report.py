@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic import atomic_path, write_text_atomic
 from .engines.video_io import read_frame
 from .models import ShotPlan
-from .textsafe import md, md_block
+from .textsafe import code, md, md_block
 from .ui import artifact_key, media_link
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def _overview(plan: ShotPlan, root: Path, links: Links, run_info: dict[str, Any]
     if isinstance(links, UILinks):
         lines.append(f"- videos open through `story-to-video serve` at {links.media_url}")
     # The LLM's description may hold a URL of a server that is gone by morning: no link.
-    lines += [f"- engine: {run_info.get('engine')}; LLM: {md(str(run_info.get('llm')))}; prompts "
+    lines += [f"- engine: {run_info.get('engine')}; LLM: {code(str(run_info.get('llm')))}; prompts "
               f"{plan.prompt_version}",
               f"- {len(plan.scenes)} scenes, {len(plan.shots)} shots, {plan.duration_s:.1f}s "
               f"(target {plan.target_seconds:.1f}s)", ""]

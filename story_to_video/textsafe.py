@@ -54,6 +54,12 @@ def _escape_html(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def code(text: str) -> str:
+    """Inline Markdown code span: literal, and never auto-linked (a URL of a server that
+    is gone by morning stays text)."""
+    return "`" + " ".join(clean(text).replace("`", "'").split()) + "`"
+
+
 def md(text: str) -> str:
     """Inline Markdown: shows the text literally, on one line (no link, image, HTML or table
     break can come out of it)."""

@@ -511,11 +511,11 @@ def test_corrupt_record_story_manifest_and_identity(tmp_path: Path) -> None:
 
 
 # -- what a run writes --------------------------------------------------------------------------
-def test_report_and_subtitles_show_llm_text_as_data() -> None:
+def test_report_and_subtitles_show_llm_text_as_data(tmp_path: Path) -> None:
     from markdown_it import MarkdownIt
 
     from story_to_video.assembly import srt
-    from story_to_video.report import render_markdown
+    from story_to_video.report import DiskLinks, render_markdown
     from tests.fakes import ScriptedLLM
 
     evil = ('<script>alert(1)</script> ![pixel](https://evil.example/p.png) '
@@ -527,8 +527,9 @@ def test_report_and_subtitles_show_llm_text_as_data() -> None:
                                                                                action=evil)])),
                            idea="# a fox <i>", story=f"Intro\n# not a heading\n- {evil}",
                            style="noir", scenes=1, target_seconds=4, video=VideoSettings())
-    md = render_markdown(plan, [], final="final.mp4", sheet=None, plot=None,
-                         run_info={"llm": "<img src=http://evil.example/m.png>"})
+    md = render_markdown(plan, [], root=tmp_path, links=DiskLinks(), sheet=None,
+                         plot=None, run_info={"llm": "<img src=http://evil.example/m.png>"},
+                         failure=f"shot failed: {evil}")
     html = MarkdownIt("commonmark").enable("table").render(md)
     assert "<img" not in html and "<script" not in html and "<b>" not in html
     assert "javascript:" not in html.replace("(javascript:x)", "")
