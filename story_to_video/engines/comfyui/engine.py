@@ -260,24 +260,24 @@ class ComfyUIEngine:
         nodes = self.bound.binding.nodes
         if not (self.bound.binding.two_expert and nodes.high_sampler and nodes.low_sampler):
             raise WorkflowError("pass-major batching needs a two-expert workflow")
-        staged = {s.id: split_stages(self.bound.bind(s, **self.extra_inputs),
-                                     high_sampler=nodes.high_sampler,
-                                     low_sampler=nodes.low_sampler, decode=nodes.decode,
-                                     output=nodes.output, prefix=f"story-to-video/{s.id}")
-                  for s in shots}
-        latents: dict[str, str] = {}
-        started = {s.id: self._now() for s in shots}
-        finals: dict[str, Execution] = {}
+        # Keyed by position: shots of several ideas share ids (s01_sh01 in every plan).
+        staged = [split_stages(self.bound.bind(s, **self.extra_inputs),
+                               high_sampler=nodes.high_sampler, low_sampler=nodes.low_sampler,
+                               decode=nodes.decode, output=nodes.output,
+                               prefix=f"story-to-video/{s.id}") for s in shots]
+        latents: dict[int, str] = {}
+        started = self._now()
+        finals: dict[int, Execution] = {}
         for i, phase in enumerate(("high", "low", "decode")):
             if i:
                 self.client.free(unload_models=True)  # the previous pass's expert goes
             self._mark(f"pass-major {phase}")
-            for s in shots:
-                stage = staged[s.id][i]
+            for n, s in enumerate(shots):
+                stage = staged[n][i]
                 wf = dict(stage.workflow)
                 if stage.latent_in is not None:
                     wf[stage.latent_in] = {**wf[stage.latent_in],
-                                           "inputs": {"latent": latents[s.id]}}
+                                           "inputs": {"latent": latents[n]}}
                 if phase == "decode" and self.broker is not None:
                     p = self.broker.plan(s.frames, s.width, s.height, s.id)
                     choice = self.broker.decode_headroom(
@@ -286,19 +286,22 @@ class ComfyUIEngine:
                         wf = use_tiled_decode(wf, nodes.decode, **choice.params)
                 ex = self._run_with_restarts(s, wf, progress)
                 if stage.latent_out is not None:
-                    latents[s.id] = self._hand_over_latent(ex, stage, s.id)
+                    latents[n] = self._hand_over_latent(ex, stage, s.id)
                 else:
-                    finals[s.id] = ex
+                    finals[n] = ex
         results = []
-        for s, out in zip(shots, out_paths, strict=True):
-            ex = finals[s.id]
+        for n, (s, out) in enumerate(zip(shots, out_paths, strict=True)):
+            ex = finals[n]
             self._download(output_file(ex.outputs, nodes.output), out)
             results.append(ClipResult(path=out, frames=s.frames, fps=s.fps, width=s.width,
-                                      height=s.height, seconds=self._now() - started[s.id],
+                                      height=s.height, seconds=self._now() - started,
                                       engine=self.name, preview=False,
                                       details={"prompt_id": ex.prompt_id,
                                                "pass_major": True}))
         return results
+
+    def can_pass_major(self) -> bool:
+        return self.bound.binding.two_expert
 
     def _hand_over_latent(self, ex: Execution, stage: Stage, shot_id: str) -> str:
         out = ex.outputs.get(stage.latent_out or "") or {}
