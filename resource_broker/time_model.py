@@ -26,8 +26,8 @@ from .cost_model import GIB, MODELS, tokens
 # Compute per step relative to the 14B expert: parameter count ratio (not measured).
 MODEL_COMPUTE = {"wan2.2-14b": 1.0, "wan2.2-14b-bf16": 1.0, "wan2.1-14b": 1.0,
                  "wan2.2-5b": 5.0 / 14.29, "wan2.1-1.3b": 1.3 / 14.29}
-STAGES = ("sample", "decode", "encode", "overhead", "load", "llm_load", "plan", "preview",
-          "assemble")
+STAGES = ("sample", "decode", "encode", "overhead", "load", "render", "llm_load", "plan",
+          "preview", "assemble")
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,9 @@ class TimeModel:
         for frames, width, height in shots:
             for k, v in self.shot_seconds(p, frames, width, height).items():
                 out[k] = out.get(k, 0.0) + v
-        return out
+        # "render": what measured GPU groups taught this machine, on top of the parts
+        learned = self._k("render") if p.gpu else 1.0
+        return {name: v * learned for name, v in out.items()}
 
     def pass_major_pays(self, p: EngineProfile, n_shots: int) -> bool:
         """Pass by pass saves a set of loads per shot after the first; it costs the latent
