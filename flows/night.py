@@ -185,6 +185,29 @@ def engine_profile(settings: Settings, budget_gib: float | None = None) -> Engin
     return EngineProfile("comfyui", b.model, steps, 2 if cfg_scale > 1.0 else 1, offload)
 
 
+def llm_moves(settings: Settings, first: WorkItem | None) -> tuple[int, int]:
+    """LLM loads the broker will cause before and after the render phase (it places the
+    LLM for the night's first shot), from the LLM's configured size (`broker.llm_gib`) and
+    the backend; no server is asked."""
+    gib, budget = settings.broker.llm_gib, settings.broker.budget_gib
+    if settings.engine == "preview" or gib <= 0 or budget is None or first is None:
+        return (0, 0)
+    project_server = settings.llm.backend == "llamacpp-embedded" or settings.llm.server_command
+    if not project_server and settings.llm.backend not in ("lmstudio", "ollama"):
+        return (0, 0)  # uncontrolled: nothing moves
+    profile = engine_profile(settings)
+    try:
+        d = plan_shot(CostModel.for_model(profile.model), *first.shape,
+                      budget_gib=budget, margin_gib=settings.broker.safety_margin_gib,
+                      llm_gib=gib).decision("llm")
+    except BudgetTooSmall:
+        return (0, 0)
+    if d.action == "keep-on-gpu":
+        return (0, 0)
+    before = 1 if d.action == "partial-offload" or project_server else 0
+    return (before, 0 if project_server else 1)  # a project server stops with the night
+
+
 def shot_deps(shot: Shot) -> tuple[str, ...]:
     """Shots this one starts from (continuity chains of issue 11); none today."""
     return ()
@@ -467,10 +490,15 @@ class Night:
         tm = self.tm if server_starts else _no_llm_load(self.tm)
         now = self.env.clock()
         chosen = plans
+        gpu_plans = [p for p in plans if p.profile.gpu and p.items]
+        n_before, n_after = llm_moves(self.ideas[0].settings, gpu_plans[0].items[0]) \
+            if gpu_plans else (0, 0)
+        moves = (n_before * self.tm.llm_load_seconds(), n_after * self.tm.llm_load_seconds())
         if self.opts.until is None:
-            eta = predict(plans, tm, self.opts.pack_s)
+            eta = predict(plans, tm, self.opts.pack_s, moves)
         else:
-            chosen, eta = fit_window(plans, tm, self.opts.until - now, self.opts.pack_s)
+            chosen, eta = fit_window(plans, tm, self.opts.until - now, self.opts.pack_s,
+                                     moves)
             for idea in self.ideas:
                 if idea.index in eta.left:
                     idea.status = "left"
@@ -567,13 +595,17 @@ class Night:
                 with self.env.gpu(ideas[0].settings, engine, self.opts.out_dir, llm) as gpu:
                     if gpu.broker is not None and placed is None and mine:
                         first = mine[0].items[0]
+                        t0 = self.env.clock()
                         gpu.broker.place_llm_for_video(gpu.broker.plan(
                             first.frames, first.width, first.height, first.shot_id))
+                        self._add("llm_moves", self.env.clock() - t0)
                         placed = gpu.broker
                     self._render_groups(profile, mine, gpu)
         finally:
             if placed is not None and placed.llm is not None and placed.llm.outlives_night:
+                t0 = self.env.clock()
                 placed.restore_llm()
+                self._add("llm_moves", self.env.clock() - t0)
 
     def _render_groups(self, profile: EngineProfile, groups: list[Group],
                        gpu: GpuSession) -> None:
@@ -638,7 +670,16 @@ class Night:
                 deferred.append(it)
             elif not record.get("resumed") or pass_major:
                 fresh.append(it)
+        if pass_major and fresh:  # the broker's between-shots care, once for the group
+            last = fresh[-1]
+            self._after_shot(self._idea(last), _shot(self._idea(last), last.shot_id))
         return fresh
+
+    def _after_shot(self, idea: Idea, shot: Shot) -> None:
+        # A night-wide scene number, so the broker's restart-every-N-scenes counts scenes
+        # of every idea, not scene indexes that repeat from idea to idea.
+        n = self.scene_no.setdefault((idea.index, shot.scene_index), len(self.scene_no))
+        self.env.engine(idea).after_shot(shot.model_copy(update={"scene_index": n}))
 
     def _render_item(self, it: WorkItem, gpu: GpuSession, wait: bool) -> dict[str, Any] | None:
         idea = self._idea(it)
@@ -656,10 +697,7 @@ class Night:
             return None
         idea.records[shot.id] = record
         if not record.get("resumed"):
-            # A night-wide scene number, so the broker's restart-every-N-scenes counts
-            # scenes of every idea, not scene indexes that repeat from idea to idea.
-            n = self.scene_no.setdefault((idea.index, shot.scene_index), len(self.scene_no))
-            engine.after_shot(shot.model_copy(update={"scene_index": n}))
+            self._after_shot(idea, shot)
         self._show_progress()
         return record
 

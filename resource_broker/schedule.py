@@ -170,13 +170,18 @@ def plan_groups(ideas: Sequence[IdeaPlan], tm: TimeModel, pack_s: float = PACK_S
     return out
 
 
-def predict(ideas: Sequence[IdeaPlan], tm: TimeModel, pack_s: float = PACK_S) -> NightEta:
+def predict(ideas: Sequence[IdeaPlan], tm: TimeModel, pack_s: float = PACK_S,
+            llm_moves: tuple[float, float] = (0.0, 0.0)) -> NightEta:
     """The night in the order the batch runs it: plan every idea that needs it (one LLM
-    load), render the groups, assemble each idea right after its last shot."""
+    load), move the LLM (`llm_moves`: seconds of LLM loads before and after the render
+    phase, as the broker will decide), render the groups, assemble each idea right after
+    its last shot."""
     planning = [i for i in ideas if i.needs_plan]
     llm_load = tm.llm_load_seconds() if planning else 0.0
     plan_each = tm.plan_seconds()
-    t = llm_load + plan_each * len(planning)
+    gpu_work = any(i.profile.gpu for i in ideas)
+    before, after = llm_moves if gpu_work else (0.0, 0.0)
+    t = llm_load + plan_each * len(planning) + before
     left = {i.index: len([it for it in i.items if it.key not in i.done_items]) for i in ideas}
     render = {i.index: 0.0 for i in ideas}
     finish = {i.index: t for i in ideas}
@@ -204,23 +209,26 @@ def predict(ideas: Sequence[IdeaPlan], tm: TimeModel, pack_s: float = PACK_S) ->
                 t += a
                 assemble_total += a
                 finish[idea_index] = t
+    t += after
     rows = [IdeaEta(i.index, i.label, len(i.items), plan_each if i.needs_plan else 0.0,
                     round(render[i.index], 1), round(tm.assemble_seconds(i.frames), 1),
                     round(finish[i.index], 1), i.estimated) for i in ideas]
     stages = {"llm_load": round(llm_load, 1), "plan": round(plan_each * len(planning), 1),
-              "render": round(sum(render.values()), 1), "assemble": round(assemble_total, 1)}
+              "llm_moves": round(before + after, 1), "render": round(sum(render.values()), 1),
+              "assemble": round(assemble_total, 1)}
     return NightEta(stages, rows, round(t, 1), loads, len(groups))
 
 
 def fit_window(ideas: Sequence[IdeaPlan], tm: TimeModel, window_s: float,
-               pack_s: float = PACK_S) -> tuple[list[IdeaPlan], NightEta]:
+               pack_s: float = PACK_S, llm_moves: tuple[float, float] = (0.0, 0.0)
+               ) -> tuple[list[IdeaPlan], NightEta]:
     """The ideas that fit the window, in batch order (a later, smaller idea may take the
     place of one that does not fit); the ETA of those, with the rest listed as left."""
     chosen: list[IdeaPlan] = []
     for idea in ideas:
-        if predict([*chosen, idea], tm, pack_s).total_s <= window_s:
+        if predict([*chosen, idea], tm, pack_s, llm_moves).total_s <= window_s:
             chosen.append(idea)
-    eta = predict(chosen, tm, pack_s) if chosen else predict(list(ideas)[:1], tm, pack_s)
+    eta = predict(chosen or list(ideas)[:1], tm, pack_s, llm_moves)
     eta.left = [i.index for i in ideas if i not in chosen]
     eta.window_s = window_s
     if not chosen:  # nothing fits: say by how much the first idea alone overruns
