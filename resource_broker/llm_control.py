@@ -114,7 +114,7 @@ class _Failsafe:
 
     def _gave_up(self, what: str, err: Exception) -> str:
         self.controllable = False
-        msg = (f"{self.name} did not answer the {what} ({type(err).__name__}: {err}); its "
+        msg = (f"{self.name} did not {what} ({type(err).__name__}: {err}); its "
                f"{self.last_gib:.1f} GiB are counted as taken")
         log.warning(msg)
         return msg
