@@ -148,6 +148,8 @@ class SimLLM:
                  on_token: TokenCallback | None = None) -> Completion:
         n = self.w.rng.randint(300, 600)
         words = " ".join(["The keeper climbs the stairs and the light turns."] * (n // 10))
+        if "BROKEN" in " ".join(m["content"] for m in messages):
+            words += " BROKEN"  # the plan's prompts carry the story: its JSON will be bad
         return Completion(words, n, self._generate(n))
 
     def complete_json(self, messages: list[Message], schema: dict[str, Any], *,
