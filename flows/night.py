@@ -585,7 +585,7 @@ class Night:
         # ideas with every shot already rendered are assembled before any GPU work
         for idea in live:
             if not any(it.idea == idea.index for _p, g in groups for it in g.items):
-                self._collect(idea, wait=True)
+                self._collect(idea)
         placed: Broker | None = None  # the broker that moved the LLM, once for the night
         try:
             for profile, ideas in by_profile.items():
@@ -628,7 +628,7 @@ class Night:
                 fresh_pred = group_seconds(self.tm, profile, fresh)
                 self.tm.refine("render" if profile.gpu else "preview", fresh_pred, took)
             for idea in dict.fromkeys(self._idea(it) for it in todo):
-                self._collect(idea, wait=False, gpu=gpu)
+                self._collect(idea, gpu)
         if stopped:  # the window would be overrun: no new shots tonight
             for idea in {self._idea(it) for g in groups for it in g.items}:
                 if idea.status == "planned" and len(idea.records) < len(_shots(idea)):
@@ -640,7 +640,7 @@ class Night:
             idea = self._idea(it)
             if idea.status == "planned":
                 self._render_item(it, gpu, wait=True)
-                self._collect(idea, wait=False, gpu=gpu)
+                self._collect(idea, gpu)
 
     def _idea(self, it: WorkItem) -> Idea:
         return self.ideas[it.idea]
@@ -701,7 +701,7 @@ class Night:
         self._show_progress()
         return record
 
-    def _collect(self, idea: Idea, wait: bool, gpu: GpuSession | None = None) -> None:
+    def _collect(self, idea: Idea, gpu: GpuSession | None = None) -> None:
         """Assemble the idea once every shot has its record (resumed ones included)."""
         if idea.status != "planned" or idea.plan is None:
             return
