@@ -18,6 +18,7 @@ from resource_broker.broker import Broker
 from resource_broker.cost_model import Calibration, CostModel
 from resource_broker.gpu import GIB, GpuMonitor, GpuUnavailable, NoGpuMonitor, open_monitor
 from resource_broker.llm_control import (
+    LlamaServerControl,
     LLMControl,
     LMStudioControl,
     NoLLM,
@@ -29,18 +30,24 @@ from story_to_video.config import Settings
 from story_to_video.engines.base import VideoEngine
 from story_to_video.engines.comfyui import ComfyUIEngine
 from story_to_video.engines.comfyui.server_info import ServerInfo
+from story_to_video.llm.embedded import LLMServer
 
 log = logging.getLogger("resource_broker.session")
 
 
-def llm_control(settings: Settings) -> LLMControl:
+def llm_control(settings: Settings, server: LLMServer | None = None) -> LLMControl:
+    """How the broker moves this LLM: a server the project started is restarted with other
+    GPU layers; LM Studio and Ollama through their APIs; anything else is counted as taken."""
     cfg, gib = settings.llm, settings.broker.llm_gib
-    if cfg.backend == "llamacpp-embedded":
-        return NoLLM()
+    if server is not None and server.running:
+        return LlamaServerControl(server, gib)
+    if cfg.backend == "llamacpp-embedded" or cfg.server_command:
+        return NoLLM()  # the project's server was stopped after planning
     if cfg.backend == "ollama" and cfg.model:
-        return OllamaControl(cfg.resolved_base_url() or "", cfg.model)
-    if cfg.backend == "lmstudio" and cfg.model:
-        return LMStudioControl(cfg.model, gib)
+        return OllamaControl(cfg.resolved_base_url() or "", cfg.model, gib)
+    if cfg.backend == "lmstudio":
+        return LMStudioControl(cfg.resolved_base_url() or "", cfg.model, gib,
+                               api_key=cfg.api_key() if cfg.api_key_env else None)
     return UncontrolledLLM(cfg.backend, gib)
 
 
@@ -149,8 +156,8 @@ class GpuSession:
 
 
 @contextlib.contextmanager
-def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path
-                ) -> Iterator[GpuSession]:
+def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path,
+                llm: LLMControl | None = None) -> Iterator[GpuSession]:
     """Monitor + broker + VRAM sampler around the video work; writes the timeline plot."""
     monitor: GpuMonitor = (NoGpuMonitor("preview engine: no GPU work") if engine.is_preview
                            else open_monitor(settings.broker.gpu_index))
@@ -175,7 +182,7 @@ def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path
                         margin_gib=settings.broker.safety_margin_gib,
                         restart_every_n_scenes=settings.broker.restart_every_n_scenes,
                         leak_threshold_gib=settings.broker.leak_threshold_gib,
-                        llm=llm_control(settings),
+                        llm=llm if llm is not None else llm_control(settings),
                         memory_mode=memory_mode(engine.server_info()),
                         strategy=settings.broker.strategy)
         engine.broker = broker

@@ -21,7 +21,6 @@ from flows.summary import (
     video_run_name,
 )
 from resource_broker.gpu import open_monitor
-from story_to_video.atomic import write_json_atomic
 from story_to_video.batch import load_batch
 from story_to_video.config import ConfigError, Settings, UISettings, load_settings
 from story_to_video.engines import VideoEngine, make_engine
@@ -30,12 +29,11 @@ from story_to_video.locks import claimed
 from story_to_video.models import ShotPlan
 from story_to_video.planner import check_target_reachable
 from story_to_video.report import write_report
-from story_to_video.run import RunFolder, RunSpec, safe_name
-from story_to_video.ui import artifact_key, key_words, run_slug
+from story_to_video.run import RunFolder, RunSpec
+from story_to_video.ui import artifact_key, run_slug
 from tasks.assemble import assemble_video
 from tasks.plan import plan_shots
 from tasks.render import (
-    DiskFull,
     place_llm,
     render_shot,
     render_shots_pass_major,
@@ -192,20 +190,35 @@ def story_to_video(
     llm: dict[str, Any] | None = None,
     run_name: str | None = None,
     batch: str | None = None,
+    until: str | None = None,
 ) -> str:
     """Turn a one-line idea (or each idea of a `batch` file) into final.mp4.
 
     Returns the path of final.mp4, or of the batch summary in batch mode.
     `llm` overrides LLM settings, e.g. {"backend": "lmstudio", "model": "qwen2.5-7b"}.
+    `until` (batch mode, local HH:MM): schedule what fits before then, leave the rest.
     """
     common: dict[str, Any] = {"style": style, "engine": engine, "output_dir": output_dir,
                               "config_file": config_file, "llm": llm}
     if batch:
-        return run_batch(batch, scenes, target_seconds, common)
+        return run_batch(batch, scenes, target_seconds, common, until)
     state = make_video(idea=idea, scenes=scenes, target_seconds=target_seconds,
                        run_name=run_name, return_state=True, **common)
     publish_run_summary(VideoOutcome.from_state(idea, state), _media_url(config_file))
     return str(state.result())  # raises the video run's error, if it failed
+
+
+def night_outcomes(result: dict[str, Any]) -> list[VideoOutcome]:
+    """The batch table's rows from the night's summary (one run for the whole night)."""
+    rows = [VideoOutcome(r["idea"], "Completed", r["final"], where=r["where"])
+            for r in result["done"]]
+    rows += [VideoOutcome(r.get("idea", ""), "Failed", reason=r["reason"], where=r["where"])
+             for r in result["failed"]]
+    rows += [VideoOutcome(r.get("idea", ""), "Skipped", reason=r["reason"], where=r["where"])
+             for r in result["skipped"]]
+    rows += [VideoOutcome(r["idea"], "Left", reason=f"{r['shots_done']} shots done; left for "
+                          "the next night (--until)", where=r["where"]) for r in result["left"]]
+    return rows
 
 
 def _media_url(config_file: str | None) -> str:
@@ -215,57 +228,21 @@ def _media_url(config_file: str | None) -> str:
         return UISettings().media_url
 
 
-def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, Any]) -> str:
-    """Every idea in the file, one after another; one failure never stops the others."""
+def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, Any],
+              until: str | None = None) -> str:
+    """The whole batch as one night, stage by stage (flows/night.py); one failed idea never
+    stops the others. Returns the summary's path."""
+    from flows.night import NightOptions, parse_until, run_night, write_summary
+
+    _send_library_logs_to_prefect()
     log = get_run_logger()
-    parsed = load_batch(batch)
-    summary: dict[str, list[dict[str, Any]]] = {"done": [], "failed": [], "skipped": []}
-    outcomes: list[VideoOutcome] = []  # the batch table in the UI
-    for problem in parsed.problems:
-        log.error("batch %s: %s: skipped", problem.where, problem.reason)
-        summary["skipped"].append({"where": problem.where, "reason": problem.reason})
-        outcomes.append(VideoOutcome("", "Skipped", reason=problem.reason, where=problem.where))
-    seen: dict[tuple[Any, ...], str] = {}
-    name = Path(batch).stem
-    progress = cast(UUID, create_progress_artifact(
-        0.0, key=artifact_key("progress-batch", key_words(name)), description=f"batch {batch}"))
-    for n, (where, entry) in enumerate(parsed.entries, start=1):
-        update_progress_artifact(progress, 100.0 * (n - 1) / len(parsed.entries),
-                                 description=f"idea {n}/{len(parsed.entries)}: {entry.idea}")
-        params = {"idea": entry.idea, "scenes": entry.scenes or scenes,
-                  "target_seconds": entry.target_seconds or target_seconds,
-                  "run_name": entry.run_name, **common}
-        for key in ("style", "engine"):
-            if getattr(entry, key) is not None:
-                params[key] = getattr(entry, key)
-        ident = (" ".join(entry.idea.split()).casefold(), params["scenes"],
-                 params["target_seconds"], params["style"], params["engine"], entry.run_name)
-        if ident in seen:
-            reason = f"duplicate of {seen[ident]}"
-            log.warning("batch %s: %s: skipped", where, reason)
-            summary["skipped"].append({"where": where, "idea": entry.idea, "reason": reason})
-            outcomes.append(VideoOutcome(entry.idea, "Skipped", reason=reason, where=where))
-            continue
-        seen[ident] = where
-        state = make_video(**params, return_state=True)
-        outcomes.append(VideoOutcome.from_state(entry.idea, state, where))
-        try:
-            final = state.result()
-            summary["done"].append({"where": where, "idea": entry.idea, "final": final})
-        except DiskFull as err:
-            log.error("batch stopped: %s", err)
-            summary["failed"].append({"where": where, "idea": entry.idea,
-                                      "reason": f"DiskFull: {err}"})
-            break
-        except Exception as err:  # one idea's failure is recorded, the batch goes on
-            log.error("batch %s (%s) failed: %s", where, entry.idea, err)
-            summary["failed"].append({"where": where, "idea": entry.idea,
-                                      "reason": f"{type(err).__name__}: {err}"})
-    update_progress_artifact(progress, 100.0, description="batch finished")
-    publish_batch_table(name, outcomes, _media_url(common["config_file"]))
     out_dir = Path(common["output_dir"] or load_settings(common["config_file"]).output_dir)
-    out = out_dir / f"batch-{safe_name(Path(batch).stem)}-summary.json"
-    write_json_atomic(out, summary)
-    log.info("batch %s: %d done, %d failed, %d skipped; summary %s", batch,
-             len(summary["done"]), len(summary["failed"]), len(summary["skipped"]), out)
+    opts = NightOptions(name=Path(batch).stem, out_dir=out_dir,
+                        until=parse_until(until, time.time()) if until else None)
+    result, _eta = run_night(load_batch(batch), scenes, target_seconds, common, opts)
+    out = write_summary(out_dir, batch, result)
+    publish_batch_table(opts.name, night_outcomes(result), _media_url(common["config_file"]))
+    log.info("batch %s: %d done, %d failed, %d skipped, %d left for the next night; "
+             "summary %s", batch, len(result["done"]), len(result["failed"]),
+             len(result["skipped"]), len(result["left"]), out)
     return str(out)

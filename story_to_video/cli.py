@@ -54,6 +54,8 @@ ModelOpt = Annotated[str | None, typer.Option("--llm-model", help="model name on
 def _fail(err: BaseException) -> NoReturn:
     service = isinstance(err, SERVICE_FAILED) and not isinstance(err, BAD_INPUT)
     code = EXIT_SERVICE_FAILED if service else EXIT_BAD_INPUT
+    for line in getattr(err, "eta_text", []):  # a night that does not fit shows its ETA
+        typer.echo(terminal(line), err=True)
     lines = [one_line(line, 1000) for line in str(err).splitlines() if line.strip()]
     for line in lines or [type(err).__name__]:
         typer.echo(f"error: {line}", err=True)
@@ -146,8 +148,19 @@ def batch(
     scenes: ScenesOpt = 3,
     target_seconds: SecondsOpt = 12.0,
     config: ConfigOpt = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="print the ETA of each stage and idea; touch no LLM, no GPU")] = False,
+    until: Annotated[str | None, typer.Option(
+        "--until", help="local HH:MM: schedule what fits, leave the rest for the next night"
+    )] = None,
 ) -> None:
-    """One video per idea; a failed idea never stops the others. Prints the summary path."""
+    """The batch as one night, stage by stage: every idea planned (the LLM loaded once),
+    then every shot rendered, each video assembled as soon as its shots are done. A failed
+    idea never stops the others. Prints the summary path."""
+    import time
+
+    from flows.night import NightOptions, parse_until, run_night
+
     from .batch import load_batch
 
     with _errors():
@@ -161,19 +174,38 @@ def batch(
                        "(skipped)", err=True)
         if not parsed.entries:
             raise BatchFileError(f"{file} has no usable idea")
+        end = parse_until(until, time.time()) if until else None
+        if dry_run:
+            out_dir = output or Path(settings.output_dir)
+            common = {"engine": settings.engine, "output_dir": str(out_dir),
+                      "config_file": str(config) if config else None}
+            result, _eta = run_night(parsed, scenes, target_seconds, common, NightOptions(
+                name=file.stem, out_dir=out_dir, until=end, dry_run=True))
+            for line in result["eta_text"]:
+                typer.echo(line)
+            return
         from flows.pipeline import story_to_video
 
         _terminal_logs_without_tracebacks()
         summary = story_to_video(batch=str(file), scenes=scenes, target_seconds=target_seconds,
                                  engine=settings.engine,
                                  output_dir=str(output) if output else None,
-                                 config_file=str(config) if config else None)
+                                 config_file=str(config) if config else None, until=until)
     data = json.loads(Path(summary).read_text())
     typer.echo(f"done {len(data['done'])}, failed {len(data['failed'])}, "
-               f"skipped {len(data['skipped'])}", err=True)
+               f"skipped {len(data['skipped'])}, left for the next night "
+               f"{len(data.get('left', []))}", err=True)
     for item in data["failed"]:
         typer.echo(f"failed {item['where']} ({one_line(item['idea'], 80)}): "
                    f"{one_line(item['reason'])}", err=True)
+    for item in data.get("left", []):
+        typer.echo(f"left {item['where']} ({one_line(item['idea'], 80)}): "
+                   f"{item['shots_done']} shot(s) done, the rest next night", err=True)
+    night = data.get("night") or {}
+    if night:
+        typer.echo(f"predicted {night['predicted_s']['total']:.0f}s, took "
+                   f"{night['measured_s']['total']:.0f}s (ETA error "
+                   f"{100 * night['eta_error']:+.0f}%)", err=True)
     typer.echo(summary)
     if data["failed"]:
         raise typer.Exit(EXIT_SOME_FAILED)

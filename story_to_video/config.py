@@ -92,6 +92,9 @@ class LLMSettings(BaseModel):
     embedded_threads: int = Field(default=2, ge=1, le=256)
     embedded_gpu_layers: int = Field(default=0, ge=-1)
     embedded_start_timeout_s: float = Field(default=120.0, gt=0)
+    # A llama.cpp server the project starts from this command (with base_url), e.g.
+    # ["llama-server", "-m", "model.gguf", "--port", "8080", "-ngl", "99"].
+    server_command: list[str] | None = Field(default=None, min_length=1)
 
     @field_validator("base_url")
     @classmethod

@@ -17,7 +17,7 @@ from prefect.client.schemas.objects import State, TaskRun
 
 from resource_broker.broker import Broker
 from story_to_video.atomic import write_json_atomic
-from story_to_video.engines.base import ClipResult, Progress, VideoEngine
+from story_to_video.engines.base import ClipResult, PassMajorEngine, Progress, VideoEngine
 from story_to_video.engines.comfyui.errors import (
     ComfyUIDied,
     ComfyUIUnavailable,
@@ -134,38 +134,46 @@ def _render(engine: VideoEngine, shot: Shot, folder: RunFolder, key: str) -> dic
 @task(name="render-pass-major", cache_policy=NO_CACHE)
 def render_shots_pass_major(engine: VideoEngine, shots: list[Shot], folder: RunFolder
                             ) -> int:
-    """Render every pending shot pass by pass (engine must support it); returns how many."""
-    from story_to_video.engines.comfyui import ComfyUIEngine
+    """Render every pending shot of one run pass by pass; returns how many."""
+    return render_group_pass_major.fn(engine, [(s, folder) for s in shots])
 
+
+@task(name="render-group-pass-major", cache_policy=NO_CACHE)
+def render_group_pass_major(engine: VideoEngine, items: list[tuple[Shot, RunFolder]]) -> int:
+    """Render pending shots, of one run or of several, pass by pass (the engine must support
+    it); returns how many. Shots another worker holds are left to it."""
     log = get_run_logger()
-    if not isinstance(engine, ComfyUIEngine) or not engine.bound.binding.two_expert:
+    if not isinstance(engine, PassMajorEngine) or not engine.can_pass_major():
         log.warning("pass-major batching needs the ComfyUI engine with a two-expert workflow;"
                     " rendering clip by clip")
         return 0
-    refusal = engine.pass_major_refusal(len(shots))
+    refusal = engine.pass_major_refusal(len(items))
     if refusal:
         log.warning("pass-major batching skipped: %s; rendering clip by clip", refusal)
         return 0
-    keys = {s.id: folder.shot_key(s, engine.fingerprint()) for s in shots}
-    pending = [s for s in shots if folder.finished_record(s, keys[s.id]) is None]
-    locks = {s.id: folder.clip_path(s, keys[s.id]).with_suffix(".claim") for s in pending}
-    mine = [s for s in pending if claim(locks[s.id])]
+    keys = [f.shot_key(s, engine.fingerprint()) for s, f in items]
+    pending = [(s, f, k) for (s, f), k in zip(items, keys, strict=True)
+               if f.finished_record(s, k) is None]
+    locks = [f.clip_path(s, k).with_suffix(".claim") for s, f, k in pending]
+    mine = [(p, lock) for p, lock in zip(pending, locks, strict=True) if claim(lock)]
     try:
         if not mine:
             return 0
-        for s in mine:
-            check_disk(folder, s)
+        for (s, f, _k), _lock in mine:
+            check_disk(f, s)
         log.info("pass-major batch of %d shots: each expert loads once", len(mine))
-        outs = [folder.clip_path(s, keys[s.id]) for s in mine]
+        shots = [s for (s, _f, _k), _lock in mine]
+        outs = [f.clip_path(s, k) for (s, f, k), _lock in mine]
         started = time.time()
-        for s, result in zip(mine, engine.render_pass_major(mine, outs), strict=True):
-            save_record(folder, s, keys[s.id], result, started)
+        for ((s, f, k), _lock), result in zip(mine, engine.render_pass_major(shots, outs),
+                                               strict=True):
+            save_record(f, s, k, result, started)
             log.info("%s: clip %s, %.1fs of its own prompts%s", s.id, result.path.name,
                      result.seconds, " (from engine cache)" if result.cached else "")
         return len(mine)
     finally:
-        for s in mine:
-            release(locks[s.id])
+        for _p, lock in mine:
+            release(lock)
 
 
 # The broker's LLM decisions run as tasks of their own, so that every broker line is in the

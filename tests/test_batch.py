@@ -8,11 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from story_to_video.batch import BatchFileError, load_batch, parse_batch_text
+from story_to_video.models import ShotPlan
 from tests.conftest import ROOT
 
 
@@ -63,47 +66,74 @@ def test_prefect_yaml_cron_is_valid() -> None:
         CronSim("0 25 * * *", datetime(2026, 1, 1))
 
 
-def batch_cmd(file: Path, out: Path, home: Path) -> subprocess.Popen[str]:
+def batch_cmd(file: Path, out: Path, home: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONUNBUFFERED": "1",
            "STV_LLM__MAX_REPAIR_TRIES": "5"}
     env.pop("PREFECT_API_URL", None)
     return subprocess.Popen(
         [sys.executable, "-m", "story_to_video", "batch", str(file), "--output", str(out),
-         "--scenes", "2", "--target-seconds", "8"], cwd=out.parent, env=env,
+         "--scenes", "2", "--target-seconds", "8", *extra], cwd=out.parent, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def finished(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], str]:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(Path(stdout.strip().splitlines()[-1]).read_text()), stderr
+
+
 @pytest.mark.slow
-def test_killed_batch_resumes_without_redoing_or_keeping_partials(tmp_path: Path) -> None:
+def test_night_plans_once_keeps_finished_videos_leaves_what_does_not_fit_and_resumes(
+        tmp_path: Path) -> None:
+    """Real embedded LLM, real Prefect, the CLI: one night of two ideas."""
     file = tmp_path / "b.jsonl"
     file.write_text('{"idea": "a lighthouse in fog"}\n{"idea": "a kite over dunes"}\n')
     out = tmp_path / "runs"
     out.mkdir()
     proc = batch_cmd(file, out, tmp_path / "home1")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(out.glob("*/clips/*.json")):
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not list(out.glob("*/final.mp4")):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the worker dies mid-batch, as at 3 a.m.
-    proc.wait()
-    before = {p: p.stat().st_mtime_ns for p in out.glob("*/clips/*.json")}
-    assert before, "no shot finished before the kill"
-    assert not list(out.glob("*/final.mp4"))
+    os.killpg(proc.pid, signal.SIGKILL)  # the worker dies mid-night, as at 4 a.m.
+    _stdout, stderr = proc.communicate()
+    # stage by stage: the LLM started once and planned both ideas before any shot
+    assert stderr.count("starting LLM server") == 1
+    plans = list(out.glob("*/plan.json"))
+    records = list(out.glob("*/clips/*.json"))
+    assert len(plans) == 2
+    assert max(p.stat().st_mtime for p in plans) <= min(r.stat().st_mtime for r in records)
+    # the first idea's video was assembled as soon as its shots were done, while the other
+    # idea still had shots to render
+    (final,) = list(out.glob("*/final.mp4"))
+    shots = {p.parent.name: len(ShotPlan.model_validate_json(p.read_text()).shots)
+             for p in plans}
+    done = {p.parent.name: len(list(p.parent.glob("clips/*.json"))) for p in plans}
+    assert done[final.parent.name] == shots[final.parent.name]
+    other = next(n for n in shots if n != final.parent.name)
+    assert done[other] < shots[other]
+    before = {p: p.stat().st_mtime_ns for p in records}
 
-    proc = batch_cmd(file, out, tmp_path / "home2")
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-    summary = json.loads(Path(stdout.strip().splitlines()[-1]).read_text())
-    assert len(summary["done"]) == 2 and not summary["failed"]
+    # the next night has a window: with these speeds the unfinished idea cannot fit
+    (out / ".time-model.json").write_text(json.dumps({"preview_s_per_frame": 100.0}))
+    until = (datetime.now() + timedelta(minutes=65)).strftime("%H:%M")
+    summary, stderr = finished(batch_cmd(file, out, tmp_path / "home2", "--until", until))
+    assert "starting LLM server" not in stderr  # plans are reused: no LLM needed
+    assert [d["idea"] for d in summary["done"]] == [
+        json.loads(final.parent.joinpath("plan.json").read_text())["idea"]]
+    (left,) = summary["left"]
+    assert left["shots_done"] == done[other]
+    assert "left line 2" in stderr or "left line 1" in stderr
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/clips/*.json")} == before
+
+    summary, _stderr = finished(batch_cmd(file, out, tmp_path / "home3"))
+    assert len(summary["done"]) == 2 and not summary["failed"] and not summary["left"]
     for p, mtime in before.items():
         assert p.stat().st_mtime_ns == mtime  # finished shots were not redone
     assert not list(out.rglob("*.partial-*"))  # nothing half-written kept
-    for final in out.glob("*/final.mp4"):
-        manifest = json.loads((final.parent / "manifest.json").read_text())
-        resumed = [s["shot_id"] for s in manifest["shots"] if s["resumed"]]
-        done_before = {json.loads(p.read_text())["shot_id"] for p in before
-                       if p.parent.parent == final.parent}
-        assert set(resumed) == done_before
+    for fin in out.glob("*/final.mp4"):
+        manifest = json.loads((fin.parent / "manifest.json").read_text())
+        assert len(manifest["shots"]) == shots[fin.parent.name]
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..models import Shot
 
@@ -73,3 +73,18 @@ class VideoEngine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class PassMajorEngine(Protocol):
+    """An engine that can render a batch pass by pass (every high-noise pass, then every
+    low-noise pass, then every decode), loading each expert once per batch."""
+
+    def can_pass_major(self) -> bool: ...
+
+    def pass_major_refusal(self, shots: int) -> str | None:
+        """Why this server cannot keep a batch's stages apart (its cache), or None."""
+        ...
+
+    def render_pass_major(self, shots: list[Shot], out_paths: list[Path],
+                          progress: ProgressCallback | None = None) -> list[ClipResult]: ...

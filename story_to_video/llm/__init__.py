@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..config import LLMSettings
+from ..config import ConfigError, LLMSettings
 from .base import (
     Completion,
     LLMBackend,
@@ -18,13 +18,14 @@ from .base import (
     LLMUnavailable,
     Message,
 )
-from .embedded import EmbeddedLlamaServer
+from .embedded import CommandLlamaServer, EmbeddedLlamaServer, LLMServer
 from .openai_backend import OpenAICompatibleBackend
 
 __all__ = [
-    "Completion", "EmbeddedLlamaServer", "LLMBackend", "LLMConfigError", "LLMError",
-    "LLMModelNotFound", "LLMNotReachable", "LLMReplyError", "LLMUnavailable", "Message",
-    "OpenAICompatibleBackend", "open_llm",
+    "CommandLlamaServer", "Completion", "EmbeddedLlamaServer", "LLMBackend", "LLMConfigError",
+    "LLMError", "LLMModelNotFound", "LLMNotReachable", "LLMReplyError", "LLMServer",
+    "LLMUnavailable", "Message", "OpenAICompatibleBackend", "connect_llm", "llm_server",
+    "open_llm",
 ]
 
 
@@ -38,24 +39,42 @@ def _backend(cfg: LLMSettings, base_url: str) -> OpenAICompatibleBackend:
     )
 
 
+def llm_server(cfg: LLMSettings, log_dir: Path | None = None) -> LLMServer | None:
+    """The llama.cpp server the project starts for this config (the embedded default, or
+    the user's `llm.server_command`), or None when it attaches to a running server."""
+    log_path = log_dir / "llm-server.log" if log_dir else None
+    if cfg.server_command:
+        url = cfg.resolved_base_url()
+        if url is None:
+            raise ConfigError("llm.base_url: required with llm.server_command (where the "
+                              "server will answer, e.g. http://127.0.0.1:8080/v1)")
+        return CommandLlamaServer(cfg.server_command, url, log_path=log_path,
+                                  start_timeout_s=cfg.embedded_start_timeout_s)
+    if cfg.resolved_base_url() is not None:
+        return None
+    return EmbeddedLlamaServer(
+        n_ctx=cfg.embedded_n_ctx, threads=cfg.embedded_threads,
+        gpu_layers=cfg.embedded_gpu_layers, start_timeout_s=cfg.embedded_start_timeout_s,
+        log_path=log_path,
+    )
+
+
+def connect_llm(cfg: LLMSettings, base_url: str) -> OpenAICompatibleBackend:
+    """A backend for a server that answers at base_url, checked: reachable, model offered."""
+    backend = _backend(cfg, base_url)
+    backend.model()
+    return backend
+
+
 @contextlib.contextmanager
 def open_llm(cfg: LLMSettings, log_dir: Path | None = None) -> Iterator[OpenAICompatibleBackend]:
-    """Start the embedded server if configured (and stop it after), else attach to the URL.
+    """Start the project's server if configured (and stop it after), else attach to the URL.
 
     The backend is checked before it is handed out: server reachable, model offered.
     """
-    url = cfg.resolved_base_url()
-    if url is not None:
-        backend = _backend(cfg, url)
-        backend.model()
-        yield backend
+    server = llm_server(cfg, log_dir)
+    if server is None:
+        yield connect_llm(cfg, cfg.resolved_base_url() or "")
         return
-    server = EmbeddedLlamaServer(
-        n_ctx=cfg.embedded_n_ctx, threads=cfg.embedded_threads,
-        gpu_layers=cfg.embedded_gpu_layers, start_timeout_s=cfg.embedded_start_timeout_s,
-        log_path=log_dir / "llm-server.log" if log_dir else None,
-    )
     with server.running_server() as base_url:
-        backend = _backend(cfg, base_url)
-        backend.model()
-        yield backend
+        yield connect_llm(cfg, base_url)

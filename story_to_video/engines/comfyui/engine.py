@@ -431,34 +431,39 @@ class ComfyUIEngine:
         if refusal:
             raise WorkflowError(refusal)
         self.check_shots(shots)
-        plans = {s.id: self.broker.plan(s.frames, s.width, s.height, s.id)
-                 if self.broker else None for s in shots}
-        runs = {s.id: ShotRun(s) for s in shots}
-        staged = {s.id: self._stages(s, self._prompt(s, plans[s.id])) for s in shots}
-        latents: dict[str, str | None] = {s.id: None for s in shots}
+        # Keyed by position: shots of several ideas share ids (s01_sh01 in every plan).
+        plans = [self.broker.plan(s.frames, s.width, s.height, s.id) if self.broker else None
+                 for s in shots]
+        runs = [ShotRun(s) for s in shots]
+        staged = [self._stages(s, self._prompt(s, p)) for s, p in zip(shots, plans, strict=True)]
+        latents: list[str | None] = [None] * len(shots)
         started = self._now()
         try:
             for i, phase in enumerate(("high", "low", "decode")):
                 if i:
                     self.client.free(unload_models=True)  # the previous pass's expert goes
                 self._mark(f"pass-major {phase}")
-                for s in shots:
-                    latents[s.id] = self._run_stage(runs[s.id], staged[s.id][i],
-                                                    latents[s.id], progress, plans[s.id])
-            results = []
-            for s, out in zip(shots, out_paths, strict=True):
-                run = runs[s.id]
-                ex = run.executions[-1][1]
-                self._download(output_file(ex.outputs, self.bound.binding.nodes.output), out)
-                self._check_clip(s, out)
-                result = self._result(run, out, plans[s.id], started)
-                result.seconds = run.seconds  # its own prompts, not the whole batch's
-                result.details["pass_major"] = True
-                results.append(result)
-            return results
+                for n in range(len(shots)):
+                    latents[n] = self._run_stage(runs[n], staged[n][i], latents[n], progress,
+                                                 plans[n])
+            return [self._pass_major_result(run, out, plan, started)
+                    for run, out, plan in zip(runs, out_paths, plans, strict=True)]
         finally:
-            for run in runs.values():
+            for run in runs:
                 self._remove_files(run)
+
+    def _pass_major_result(self, run: ShotRun, out: Path, plan: BrokerPlan | None,
+                           started: float) -> ClipResult:
+        ex = run.executions[-1][1]
+        self._download(output_file(ex.outputs, self.bound.binding.nodes.output), out)
+        self._check_clip(run.shot, out)
+        result = self._result(run, out, plan, started)
+        result.seconds = run.seconds  # its own prompts, not the whole batch's
+        result.details["pass_major"] = True
+        return result
+
+    def can_pass_major(self) -> bool:
+        return self.bound.binding.two_expert
 
     def _hand_over_latent(self, ex: Execution, stage: Stage, run: ShotRun) -> str:
         out = ex.outputs.get(stage.latent_out or "") or {}
