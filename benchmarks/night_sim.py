@@ -57,7 +57,7 @@ from story_to_video.engines.base import (  # noqa: E402
     ProgressCallback,
     VideoEngine,
 )
-from story_to_video.llm.base import Completion, Message, TokenCallback  # noqa: E402
+from story_to_video.llm.base import Completion, LLMBackend, Message, TokenCallback  # noqa: E402
 from story_to_video.models import Shot  # noqa: E402
 
 SPEC = MODELS["wan2.2-14b"]
@@ -145,7 +145,8 @@ class SimLLM:
         return seconds
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
-                 on_token: TokenCallback | None = None) -> Completion:
+                 on_token: TokenCallback | None = None,
+                 deadline_s: float | None = None) -> Completion:
         n = self.w.rng.randint(300, 600)
         words = " ".join(["The keeper climbs the stairs and the light turns."] * (n // 10))
         if "BROKEN" in " ".join(m["content"] for m in messages):
@@ -153,7 +154,8 @@ class SimLLM:
         return Completion(words, n, self._generate(n))
 
     def complete_json(self, messages: list[Message], schema: dict[str, Any], *,
-                      max_tokens: int, temperature: float) -> Completion:
+                      max_tokens: int, temperature: float,
+                      deadline_s: float | None = None) -> Completion:
         text = " ".join(m["content"] for m in messages)
         props = schema.get("properties", {})
         if "BROKEN" in text:
@@ -225,7 +227,7 @@ class SimLLMSession:
             t0 = world.t
             SimLLMControl(world).restore()
             self.load_s = world.t - t0
-        self.backend = SimLLM(world)
+        self.backend: LLMBackend = SimLLM(world)
 
     def after_planning(self) -> None:
         return None
@@ -324,6 +326,12 @@ class SimEngine:
         self._decode(shot)
         self._prompt()
         return self._done(shot, out_path, t0)
+
+    def check_shots(self, shots: list[Shot]) -> None:
+        return None
+
+    def pass_major_refusal(self, shots: int) -> str | None:
+        return None  # the simulated server keeps every stage's outputs
 
     def can_pass_major(self) -> bool:
         return True
