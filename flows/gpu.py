@@ -15,7 +15,6 @@ from pathlib import Path
 from prefect.concurrency.sync import concurrency
 
 from resource_broker.broker import Broker
-from resource_broker.cost_model import Calibration, CostModel
 from resource_broker.gpu import GIB, GpuMonitor, GpuUnavailable, NoGpuMonitor, open_monitor
 from resource_broker.llm_control import (
     LlamaServerControl,
@@ -25,11 +24,11 @@ from resource_broker.llm_control import (
     OllamaControl,
     UncontrolledLLM,
 )
+from resource_broker.session import calibration_path, make_broker
 from resource_broker.timeline import VramSampler
 from story_to_video.config import Settings
 from story_to_video.engines.base import VideoEngine
 from story_to_video.engines.comfyui import ComfyUIEngine
-from story_to_video.engines.comfyui.server_info import ServerInfo
 from story_to_video.llm.embedded import LLMServer
 
 log = logging.getLogger("resource_broker.session")
@@ -136,19 +135,6 @@ def gpu_slot(settings: Settings, engine: VideoEngine) -> Iterator[None]:
             yield
 
 
-def memory_mode(info: ServerInfo) -> str:
-    """Who manages VRAM inside this ComfyUI (resource_broker.policy.MEMORY_MODES)."""
-    if not info.on_gpu:
-        return "cpu"
-    if info.dynamic_vram:
-        return "dynamic"
-    if info.dynamic_vram is None:
-        log.warning("%s: cannot tell whether dynamic VRAM is on; the broker plans as for "
-                    "the classic loader (it never relies on ComfyUI freeing memory)",
-                    info.describe())
-    return "estimate"
-
-
 @dataclass
 class GpuSession:
     broker: Broker | None
@@ -175,17 +161,10 @@ def gpu_session(settings: Settings, engine: VideoEngine, run_dir: Path,
 
         sampler.fallback = from_system_stats
         engine.timeline = sampler.timeline
-        calibration_file = run_dir.parent / f".broker-calibration-{engine.bound.binding.model}.json"
-        calibration = Calibration.load(calibration_file)
-        cost = CostModel.for_model(engine.bound.binding.model, calibration)
-        broker = Broker(monitor, cost, budget_gib=settings.broker.budget_gib,
-                        margin_gib=settings.broker.safety_margin_gib,
-                        restart_every_n_scenes=settings.broker.restart_every_n_scenes,
-                        leak_threshold_gib=settings.broker.leak_threshold_gib,
-                        llm=llm if llm is not None else llm_control(settings),
-                        memory_mode=memory_mode(engine.server_info()),
-                        strategy=settings.broker.strategy)
-        engine.broker = broker
+        calibration_file = calibration_path(engine, run_dir.parent)
+        broker = make_broker(settings, engine, monitor,
+                             llm if llm is not None else llm_control(settings),
+                             calibration_file)
     with sampler:
         yield GpuSession(broker, sampler)
     if broker is not None and broker.acts:

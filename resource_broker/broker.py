@@ -57,6 +57,8 @@ class Broker:
         self.baseline_free_gib: float | None = None
         self._scenes_done: set[int] = set()
         self.budget_gib = self._budget(budget_gib)
+        # Set by the engine's session: makes ComfyUI give its VRAM back, and waits for it.
+        self.free_vram: Callable[[], None] | None = None
 
     @property
     def acts(self) -> bool:
@@ -145,8 +147,13 @@ class Broker:
                                        d.reason, outcome, params=d.params))
 
     def restore_llm(self) -> BrokerEvent | None:
+        """After the video work. ComfyUI's dynamic VRAM keeps its models in whatever memory
+        is free (measured: the card stayed full after the last shot), so it is told to free
+        them first; otherwise the LLM's reload finds no room."""
         if self.llm is None or not self.acts:
             return None
+        if self.free_vram is not None and self.llm.controllable:
+            self.free_vram()
         return self.record(BrokerEvent("llm", "restore", self.llm.gpu_gib(), self.free_gib(),
                                        "video work done: the LLM gets its GPU share back",
                                        self.llm.restore()))

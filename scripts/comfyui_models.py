@@ -94,7 +94,7 @@ def write_safetensors(path: Path, spec: Spec, fixed: dict[str, torch.Tensor] | N
             for chunk in _random_bytes(dtype, nbytes, i):
                 fh.write(chunk)
         for t in fixed.values():
-            fh.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+            fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     os.replace(tmp, path)
 
 

@@ -123,15 +123,16 @@ def prepare(src: str | Path | None = None) -> Prepared:
     return Prepared(s, python, ensure_models(s, python, cache_dir() / "models-tiny"))
 
 
-def command(p: Prepared, port: int, workdir: Path, extra: list[str] | None = None
-            ) -> list[str]:
+def command(p: Prepared, port: int, workdir: Path, extra: list[str] | None = None,
+            cpu: bool = True) -> list[str]:
     """The command line that starts this ComfyUI on loopback, writing only into workdir."""
     for sub in ("custom_nodes", "input", "output", "temp", "user"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     frontend = workdir / "frontend"  # no frontend package needed: a page is enough
     frontend.mkdir(exist_ok=True)
     (frontend / "index.html").write_text("<html><body>story-to-video test server</body></html>")
-    return [str(p.python), str(p.src / "main.py"), "--cpu", "--listen", "127.0.0.1",
+    return [str(p.python), str(p.src / "main.py"), *(["--cpu"] if cpu else []),
+            "--listen", "127.0.0.1",
             "--port", str(port), "--base-directory", str(workdir),
             "--models-directory", str(p.models), "--front-end-root", str(frontend),
             "--database-url", f"sqlite:///{workdir / 'comfyui.db'}",

@@ -122,3 +122,8 @@ class ComfyUIProcess:
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (the broker's RSS readings)."""
+        return self._proc.pid if self.alive() and self._proc is not None else None

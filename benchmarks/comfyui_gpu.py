@@ -1,0 +1,445 @@
+"""GPU benchmark: the project's own ComfyUI engine and broker driving a real ComfyUI.
+
+Every row renders a batch of shots (same prompt, other seeds) with one strategy and prints
+seconds per clip, the ratio to the row's best, peak VRAM and the models ComfyUI loaded:
+
+  comfyui-alone  the engine with no broker: one prompt per shot, ComfyUI does everything
+  auto           the broker's own choice for this server (what a run does)
+  one-prompt     broker.strategy = one-prompt (models kept between shots)
+  staged         broker.strategy = staged: high pass, low pass, decode as three prompts
+  pass-major     every high pass, then every low pass, then every decode (one expert load)
+
+A second process holds GPU memory so that only --free GiB stay free (a smaller card), and an
+LLM stand-in (a process that holds --llm-gib and reloads them from a weights file) sits
+beside ComfyUI for the LLM rows: kept, partly offloaded, unloaded, or as the broker decides.
+`--soak N` sends N prompts of varying sizes and records ComfyUI's RSS and VRAM after each
+/free. Results: JSON + log under --out (benchmarks/results/). Run by
+benchmarks/gpu_run.sh on the GPU machine; on a CPU (tiny models) it checks itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from resource_broker.broker import Broker  # noqa: E402
+from resource_broker.gpu import GIB, GpuMonitor, NoGpuMonitor, open_monitor  # noqa: E402
+from resource_broker.llm_control import NoLLM  # noqa: E402
+from resource_broker.session import make_broker, release_comfyui_vram  # noqa: E402
+from resource_broker.timeline import VramSampler  # noqa: E402
+from story_to_video.config import BrokerSettings, ComfyUISettings, Settings  # noqa: E402
+from story_to_video.engines.comfyui import ComfyUIEngine  # noqa: E402
+from story_to_video.models import Shot  # noqa: E402
+
+log = logging.getLogger("gpu-bench")
+STRATEGIES = ("comfyui-alone", "auto", "one-prompt", "staged", "pass-major")
+PROMPT = ("A lighthouse keeper in a yellow raincoat climbs a spiral stair at dusk, warm lamp "
+          "light, cinematic, 35mm film")
+
+# A process that holds GiB of GPU memory until its stdin closes; with a weights file it reads
+# them from there first (a model load: disk or page cache, then host to device).
+HOLDER = r"""
+import sys, time, torch
+gib, src = float(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "")
+t = time.monotonic()
+n = int(gib * 2**30)
+try:
+    buf = torch.empty(n, dtype=torch.uint8, device="cuda")
+    if src:
+        chunk, done = 256 << 20, 0
+        with open(src, "rb", buffering=0) as f:
+            host = torch.empty(chunk, dtype=torch.uint8).pin_memory()
+            while done < n:
+                got = f.readinto(memoryview(host.numpy()))
+                if not got:
+                    f.seek(0)
+                    continue
+                take = min(got, n - done)
+                buf[done:done + take].copy_(host[:take], non_blocking=False)
+                done += take
+    torch.cuda.synchronize()
+    print(f"ready {time.monotonic() - t:.3f}", flush=True)
+except torch.OutOfMemoryError as err:
+    print(f"oom {err}".replace("\n", " "), flush=True)
+    sys.exit(3)
+sys.stdin.read()
+"""
+
+
+class Holder:
+    """GPU memory held by another process (a smaller card, or the LLM beside ComfyUI)."""
+
+    def __init__(self, gib: float, weights: Path | None = None) -> None:
+        self.gib, self.proc, self.load_s = gib, None, 0.0
+        self.oom = ""
+        if gib <= 0:
+            return
+        args = [sys.executable, "-c", HOLDER, str(gib)] + ([str(weights)] if weights else [])
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline().strip() if self.proc.stdout else ""
+        if line.startswith("ready"):
+            self.load_s = float(line.split()[1])
+        else:
+            self.oom = line or "holder exited"
+            self.stop()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                if self.proc.stdin:
+                    self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
+class StandInLLM:
+    """LLMControl for the stand-in: unload, partial offload and reload for real (GPU memory
+    taken and given back, reload read from a weights file as a llama.cpp server would)."""
+
+    name, controllable, outlives_night = "stand-in", True, True
+
+    def __init__(self, gib: float, weights: Path | None) -> None:
+        self.full, self.weights = gib, weights
+        self.holder = Holder(gib, weights)
+        self.reload_s: float | None = None
+
+    def gpu_gib(self) -> float:
+        return self.holder.gib if self.holder.proc else 0.0
+
+    def release(self, gpu_fraction: float = 0.0) -> str:
+        self.holder.stop()
+        self.holder = Holder(self.full * gpu_fraction, self.weights)
+        return f"stand-in now holds {self.gpu_gib():.1f} GiB"
+
+    def restore(self) -> str:
+        self.holder.stop()
+        self.holder = Holder(self.full, self.weights)
+        self.reload_s = self.holder.load_s
+        if self.holder.oom:
+            return f"reload failed: {self.holder.oom}"
+        return f"reloaded {self.full:.1f} GiB in {self.holder.load_s:.1f}s"
+
+    def close(self) -> None:
+        self.holder.stop()
+
+
+@dataclass
+class Row:
+    free_gib: float
+    dynamic: bool
+    width: int
+    height: int
+    frames: int
+    steps: str  # "4" (2+2 with the LoRA) or "20+20" (no LoRA)
+    strategy: str
+    shots: int
+    llm_gib: float = 0.0
+    llm_move: str = ""  # keep | partial | unload | broker
+    clip_s: list[float] = field(default_factory=list)
+    batch_s: float = 0.0
+    per_clip_s: float = 0.0
+    peak_used_gib: float = 0.0
+    base_used_gib: float = 0.0  # the card before the row: other processes + ComfyUI idle
+    min_free_gib: float = 0.0
+    loads: dict[str, int] = field(default_factory=dict)
+    partial_loads: int = 0
+    broker: list[str] = field(default_factory=list)
+    llm_reload_s: float | None = None
+    llm_restore: str = ""  # what the reload after the video work said
+    ratio_to_best: float = 0.0
+    error: str = ""
+
+
+def shots(n: int, width: int, height: int, frames: int) -> list[Shot]:
+    return [Shot(id=f"s01_sh{i + 1:02d}", scene_index=0, shot_index=i, action="climbs",
+                 prompt=PROMPT, negative_prompt="blurry, distorted", frames=frames, fps=16,
+                 width=width, height=height, seed=1000 + i) for i in range(n)]
+
+
+def step_inputs(steps: str) -> dict[str, Any]:
+    if steps == "4":
+        return {}
+    hi, lo = (int(x) for x in steps.split("+"))
+    return {"steps": hi + lo, "split_step": hi, "lora_strength_high": 0.0,
+            "lora_strength_low": 0.0}
+
+
+@dataclass
+class Env:
+    comfyui: Path
+    models: Path
+    work: Path
+    python: str
+    cpu: bool
+    weights: Path | None  # what the LLM stand-in reloads from
+
+    def command(self, port: int, dynamic: bool, extra: list[str]) -> list[str]:
+        from comfyui_test_server import Prepared, command
+
+        cmd: list[str] = command(Prepared(self.comfyui, Path(self.python), self.models), port,
+                      self.work, extra, cpu=self.cpu)
+        return cmd + ([] if dynamic or self.cpu else ["--disable-dynamic-vram"])
+
+
+@contextlib.contextmanager
+def comfyui(env: Env, dynamic: bool, port: int, tag: str,
+            extra: list[str] | None = None) -> Iterator[ComfyUIEngine]:
+    settings = Settings(engine="comfyui", comfyui=ComfyUISettings(
+        workflow="wan22_14b_t2v", url=f"http://127.0.0.1:{port}",
+        command=env.command(port, dynamic, extra or []), cwd=str(env.work),
+        start_timeout_s=600, stall_timeout_s=1200))
+    log_dir = env.work / "logs" / tag
+    log_dir.mkdir(parents=True, exist_ok=True)
+    engine = ComfyUIEngine.from_settings(settings, log_dir)
+    try:
+        engine.server_info()  # starts it
+        yield engine
+    finally:
+        engine.close()
+
+
+def comfy_log(engine: ComfyUIEngine) -> str:
+    path = getattr(engine.server, "log_path", None)
+    return Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
+
+
+def run_row(engine: ComfyUIEngine, row: Row, monitor: GpuMonitor, out: Path,
+            weights: Path | None = None) -> Row:
+    settings = Settings(engine="comfyui", broker=BrokerSettings(
+        strategy="staged" if row.strategy == "staged" else
+        "one-prompt" if row.strategy == "one-prompt" else "auto",
+        budget_gib=row.free_gib if monitor.available else None,
+        llm_gib=row.llm_gib))
+    engine.broker = None
+    broker = None
+    if row.strategy != "comfyui-alone":
+        broker = make_broker(settings, engine, monitor, NoLLM("no LLM in this row"),
+                             out / ".calibration.json")
+    engine.extra_inputs = step_inputs(row.steps)
+    batch = shots(row.shots, row.width, row.height, row.frames)
+    release_comfyui_vram(engine, monitor)  # every row starts cold, with the card emptied
+    llm = None
+    if row.llm_gib:  # the LLM is loaded before the video work, as after planning
+        llm = StandInLLM(row.llm_gib, weights)
+        if not llm.gpu_gib():
+            row.error = f"the LLM stand-in could not take {row.llm_gib} GiB: {llm.holder.oom}"
+            return row
+        if broker is not None:
+            broker.llm = llm
+    try:
+        return _measure(engine, row, monitor, out, broker, batch, llm)
+    finally:
+        if llm is not None:
+            llm.close()
+
+
+def _measure(engine: ComfyUIEngine, row: Row, monitor: GpuMonitor, out: Path,
+             broker: Broker | None, batch: list[Shot], llm: StandInLLM | None) -> Row:
+    if llm is not None and row.llm_move in ("partial", "unload"):
+        llm.release(0.5 if row.llm_move == "partial" else 0.0)
+    elif llm is not None and broker is not None and row.llm_move == "broker":
+        broker.place_llm_for_video(broker.plan(row.frames, row.width, row.height, "s01_sh01"))
+    before = comfy_log(engine)
+    if monitor.available:
+        row.base_used_gib = round(monitor.read().used_bytes / GIB, 2)
+    sampler = VramSampler(monitor, 0.2)
+    clips = out / "clips"
+    clips.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with sampler:
+        try:
+            if row.strategy == "pass-major":
+                results = engine.render_pass_major(
+                    batch, [clips / f"{s.id}.mp4" for s in batch])
+                row.clip_s = [round(r.seconds, 2) for r in results]
+            else:
+                for s in batch:
+                    r = engine.render(s, clips / f"{s.id}.mp4")
+                    row.clip_s.append(round(r.seconds, 2))
+        except Exception as err:  # a row that fails is a result too (e.g. OOM)
+            row.error = f"{type(err).__name__}: {err}"[:500]
+    row.batch_s = round(time.monotonic() - t0, 2)
+    row.per_clip_s = round(row.batch_s / row.shots, 2)
+    tl = sampler.timeline
+    if tl.samples:
+        row.peak_used_gib = round(tl.peak_used_gib(), 2)
+        row.min_free_gib = round(tl.min_free_gib(), 2)
+    new = comfy_log(engine)[len(before):]
+    for name in re.findall(r"Requested to load (\w+)", new):
+        row.loads[name] = row.loads.get(name, 0) + 1
+    row.partial_loads = len(re.findall(r"loaded partially", new))
+    if broker is not None:
+        row.broker = [f"{e.stage}: {e.action} ({e.outcome})" for e in broker.events
+                      if e.stage in ("experts", "llm", "decode", "encode")][:8]
+    if llm is not None:  # after the video work: ComfyUI frees its VRAM, the LLM reloads
+        if broker is not None:
+            event = broker.restore_llm()
+            row.llm_restore = event.outcome if event else ""
+        else:
+            release_comfyui_vram(engine, monitor)
+            row.llm_restore = llm.restore()
+        row.llm_reload_s = llm.reload_s
+        log.info("LLM after the video work: %s", row.llm_restore)
+    return row
+
+
+def soak(engine: ComfyUIEngine, n: int, out: Path) -> list[dict[str, Any]]:
+    """n prompts of varying sizes; ComfyUI's RSS and the card's used VRAM after each /free."""
+    import psutil  # type: ignore[import-untyped]
+
+    sizes = [(832, 480, 33), (832, 480, 81), (480, 832, 49), (1280, 720, 33), (832, 480, 17)]
+    pid = getattr(engine.server, "pid", None)
+    assert pid is not None, "the soak needs a ComfyUI the benchmark started"
+    monitor = open_monitor(0)
+    rows = []
+    clips = out / "soak"
+    clips.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h, f = sizes[i % len(sizes)]
+        s = shots(1, w, h, f)[0].model_copy(update={"seed": 5000 + i})
+        t = time.monotonic()
+        engine.render(s, clips / f"soak{i}.mp4")
+        took = time.monotonic() - t
+        engine.client.free(unload_models=True, free_memory=True)
+        time.sleep(1.0)
+        rss = psutil.Process(pid).memory_info().rss / GIB
+        used = monitor.read().used_bytes / GIB if monitor.available else 0.0
+        rows.append({"i": i, "size": f"{w}x{h}x{f}", "seconds": round(took, 2),
+                     "rss_gib": round(rss, 3), "vram_used_after_free_gib": round(used, 3)})
+        log.info("soak %d %s: %.1fs, RSS %.2f GiB, VRAM after /free %.2f GiB", i,
+                 rows[-1]["size"], took, rss, used)
+    return rows
+
+
+def parse_rows(args: argparse.Namespace) -> list[Row]:
+    rows = []
+    for size in args.size:
+        w, h, f = (int(x) for x in size.split("x"))
+        for steps in args.steps:
+            if args.llm_gib:
+                for gib in args.llm_gib:
+                    for move in args.llm_move:
+                        rows.append(Row(args.free, args.dynamic, w, h, f, steps, "auto",
+                                        args.shots, gib, move))
+            else:
+                for strat in args.strategies:
+                    rows.append(Row(args.free, args.dynamic, w, h, f, steps, strat,
+                                    args.shots))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--comfyui", type=Path, required=True, help="ComfyUI source folder")
+    ap.add_argument("--models", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/stv-bench"))
+    ap.add_argument("--out", type=Path, required=True, help="results folder")
+    ap.add_argument("--tag", required=True, help="name of this run's JSON and log")
+    ap.add_argument("--free", type=float, default=32.0, help="GiB left free for ComfyUI")
+    ap.add_argument("--dynamic", type=int, choices=[0, 1], default=1)
+    ap.add_argument("--size", nargs="+", default=["832x480x81"])
+    ap.add_argument("--steps", nargs="+", default=["4"])
+    ap.add_argument("--shots", type=int, default=3)
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    ap.add_argument("--llm-gib", nargs="*", type=float, default=[])
+    ap.add_argument("--llm-move", nargs="+", default=["keep", "partial", "unload", "broker"])
+    ap.add_argument("--soak", type=int, default=0)
+    ap.add_argument("--cpu", action="store_true", help="a CPU server (self-check)")
+    ap.add_argument("--port", type=int, default=8390)
+    ap.add_argument("--python", default=sys.executable, help="ComfyUI's Python")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout),
+                                  logging.FileHandler(args.out / f"{args.tag}.log")])
+    monitor: GpuMonitor = NoGpuMonitor("cpu self-check") if args.cpu else open_monitor(0)
+    weights = next(iter(sorted((args.models / "diffusion_models").glob("*.safetensors"))), None)
+    env = Env(args.comfyui, args.models, args.work, args.python, args.cpu, weights)
+    card = None
+    if monitor.available:  # the rest of the card is taken: ComfyUI sees args.free GiB
+        take = monitor.read().free_gib - args.free - 0.6  # 0.6: ComfyUI's CUDA context
+        card = Holder(take) if take > 0 else None
+        log.info("card: %.1f GiB held by another process, %.1f GiB free", take,
+                 monitor.read().free_gib)
+    results: dict[str, Any] = {"tag": args.tag, "argv": sys.argv[1:], "rows": []}
+    try:
+        with comfyui(env, bool(args.dynamic), args.port, args.tag) as engine:
+            results["server"] = engine.server_info().describe()
+            if args.soak:
+                results["soak"] = soak(engine, args.soak, args.out / "clips")
+            else:
+                warm = Row(args.free, bool(args.dynamic), 832 if not args.cpu else 128,
+                           480 if not args.cpu else 128, 17 if not args.cpu else 5, "4",
+                           "comfyui-alone", 1)
+                run_row(engine, warm, monitor, args.work)  # page cache + encoder warm
+                log.info("warm-up: %.1fs", warm.batch_s)
+                for row in parse_rows(args):
+                    results["rows"].append(report(run_row(engine, row, monitor, args.work,
+                                                          weights)))
+                    write(args, results)
+    finally:
+        if card is not None:
+            card.stop()
+    finish(results)
+    write(args, results)
+    for path in (args.work / "logs" / args.tag).glob("comfyui.log"):
+        (args.out / f"{args.tag}-comfyui.log").write_bytes(path.read_bytes())
+    return 0
+
+
+def report(row: Row) -> dict[str, Any]:
+    log.info("%s free=%s dyn=%s %dx%dx%d steps=%s llm=%s/%s: %.1fs per clip %s peak %.1f "
+             "GiB loads %s%s", row.strategy, row.free_gib, row.dynamic, row.width, row.height,
+             row.frames, row.steps, row.llm_gib, row.llm_move, row.per_clip_s, row.clip_s,
+             row.peak_used_gib, row.loads, f" ERROR {row.error}" if row.error else "")
+    return asdict(row)
+
+
+def finish(results: dict[str, Any]) -> None:
+    """Ratio of each row to the best of its size/steps/LLM group; the table printed."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results["rows"]:
+        key = (r["width"], r["height"], r["frames"], r["steps"], r["llm_gib"])
+        groups.setdefault(key, []).append(r)
+    for rows in groups.values():
+        ok = [r["per_clip_s"] for r in rows if not r["error"]]
+        best = min(ok) if ok else 0.0
+        for r in rows:
+            r["ratio_to_best"] = round(r["per_clip_s"] / best, 3) if best and not r["error"] \
+                else None
+    print("\n| free GiB | dynamic | size | steps | LLM GiB / move | strategy | s per clip | "
+          "ratio to best | peak GiB above start | loads | clips s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        print(f"| {r['free_gib']:g} | {'on' if r['dynamic'] else 'off'} | "
+              f"{r['width']}x{r['height']}x{r['frames']} | {r['steps']} | "
+              f"{r['llm_gib']:g} {r['llm_move']} | {r['strategy']} | {r['per_clip_s']} | "
+              f"{r['ratio_to_best']} | {r['peak_used_gib'] - r['base_used_gib']:.1f} | "
+              f"{sum(r['loads'].values())} | {r['clip_s']} {r['error'][:60]} |")
+
+
+def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    path = args.out / f"{args.tag}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
