@@ -312,7 +312,7 @@ class SimEngine:
         keep_both = True
         if self.broker is not None:
             p = self.broker.plan(shot.frames, shot.width, shot.height, shot.id)
-            keep_both = p.decision("experts").action == "keep-both-experts"
+            keep_both = p.decision("experts").action in ("keep-both-experts", "one-prompt")
         self._encode()
         self._load("high")
         self._sample(shot, self.steps[0])

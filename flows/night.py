@@ -183,7 +183,11 @@ def engine_profile(settings: Settings, budget_gib: float | None = None) -> Engin
             p = plan_shot(CostModel.for_model(b.model), 81, v.width, v.height,
                           budget_gib=budget, margin_gib=settings.broker.safety_margin_gib)
             offload = p.decision("experts").action == "block-swap"
-    return EngineProfile("comfyui", b.model, steps, 2 if cfg_scale > 1.0 else 1, offload)
+    # A ComfyUI the project starts runs dynamic VRAM unless its command turns it off; one
+    # the night attaches to is read when it starts (ServerInfo), assumed classic until then.
+    dynamic = cfg.command is not None and "--disable-dynamic-vram" not in cfg.command
+    return EngineProfile("comfyui", b.model, steps, 2 if cfg_scale > 1.0 else 1, offload,
+                         dynamic)
 
 
 def llm_moves(settings: Settings, first: WorkItem | None) -> tuple[int, int]:

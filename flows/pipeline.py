@@ -155,7 +155,9 @@ def render_all(video: VideoEngine, plan: ShotPlan, folder: RunFolder,
     if gpu.broker is not None:
         place_llm(gpu.broker, plan.shots[0])
     found: dict[str, dict[str, Any]] = {}
-    if pass_major:
+    first = plan.shots[0]
+    if pass_major or (gpu.broker is not None and gpu.broker.pass_major_pays(
+            len(plan.shots), first.frames, first.width, first.height)):
         render_shots_pass_major(video, plan.shots, folder)  # the loop below finds them done
     try:
         # First pass skips shots another worker holds; the second waits for them.

@@ -39,6 +39,9 @@ class EngineProfile:
     steps: tuple[int, ...] = (2, 2)  # sampling steps per expert pass (high, low) or (all,)
     forwards_per_step: int = 1  # 2 with CFG > 1
     offload: bool = False  # weights offloaded (block swap): slower steps
+    # ComfyUI's dynamic VRAM (0.33's default) keeps the experts between one-prompt shots:
+    # pass by pass saves nothing there (measured 1.04x slower, benchmarks/comfyui_gpu.py).
+    dynamic_vram: bool = False
 
     @property
     def gpu(self) -> bool:
@@ -116,7 +119,7 @@ class TimeModel:
     def pass_major_pays(self, p: EngineProfile, n_shots: int) -> bool:
         """Pass by pass saves a set of loads per shot after the first; it costs the latent
         hand-over: two more prompts per shot than a single-prompt render."""
-        if not p.gpu or p.experts < 2 or n_shots < 2:
+        if not p.gpu or p.experts < 2 or n_shots < 2 or p.dynamic_vram:
             return False
         saved = (n_shots - 1) * self.load_seconds(p)
         cost = n_shots * 2 * self.prompt_overhead_s * self._k("overhead")

@@ -169,9 +169,11 @@ class BrokerSettings(BaseModel):
     sample_interval_s: float = Field(default=0.5, gt=0)
     llm_gib: float = Field(default=0.0, ge=0, description="VRAM the LLM holds, if not measured")
     concurrency_limit: bool = Field(default=True, description="one heavy job per GPU")
-    strategy: Literal["auto", "one-prompt", "staged"] = Field(
-        default="auto", description="auto: from the ComfyUI in use and the measurements; "
-        "one-prompt or staged (high pass, low pass, decode as three prompts): always")
+    strategy: Literal["auto", "one-prompt", "staged", "broker"] = Field(
+        default="auto", description="auto: what measured best on the ComfyUI in use (one "
+        "prompt per shot; batches pass by pass on the classic loader); one-prompt or staged "
+        "(high pass, low pass, decode as three prompts): always; broker: the broker's own "
+        "VRAM plan (both experts kept where they fit, else staged, else block swap)")
 
 
 class UISettings(BaseModel):

@@ -52,14 +52,17 @@ def test_comfyui_flow_staged_with_report(fake: FakeComfyUI, tmp_path: Path,
     shots = manifest["shots"]
     assert [s["engine"] for s in shots] == ["comfyui", "comfyui"]
     assert probe(final).frames == sum(s["frames"] for s in shots)
-    # no GPU here: the broker planned the two-expert handoff and the flow ran it staged
+    # no GPU here (24 GiB assumed): on the classic loader both experts do not fit, so the
+    # broker batched the two shots pass by pass, as measured to win (1.32x at 32 GiB)
     for s in shots:
         assert list(s["details"]["stage_seconds"]) == ["high", "low", "decode"]
         assert s["details"]["vram"]["predicted_peak_gib"] > 0
+        assert s["details"]["pass_major"] is True
     events = manifest["broker_events"]
-    assert any(e["action"] == "unload-high-before-low" for e in events)
+    batch = [e for e in events if e["stage"] == "batch"]
+    assert batch[0]["action"] == "pass-major" and "classic loader" in batch[0]["reason"]
     report = (folder.root / "report.md").read_text()
-    assert "## VRAM" in report and "unload-high-before-low" in report
+    assert "## VRAM" in report and "one-prompt" in report
     assert (folder.root / "vram-timeline.png").is_file()  # sampled from /system_stats
     assert len(fake.prompts) == 6  # 3 stages x 2 shots
 

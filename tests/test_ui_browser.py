@@ -258,7 +258,7 @@ def test_vram_table_fits_and_broker_lines_sit_in_their_tasks(
     assert not _tables_overflowing(page)
     assert table["bullets"] == 0
     assert not any(c in ("{}", "-", "None", "null", "NaN") for c in table["cells"]), table
-    assert "unload-high-before-low\ntext-encoder-on-gpu\ndecode-full" in table["cells"]
+    assert "one-prompt\ntext-encoder-default\ndecode-full" in table["cells"]
     assert not _failed_requests(page)
 
     tasks = night.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [video["id"]]}}})

@@ -105,7 +105,7 @@ def test_parent_summary_keys_and_broker_lines(fake: FakeComfyUI, tmp_path: Path,
     logs = logs_by_task(client, video.id)
     for shot in ("s01_sh01", "s02_sh01"):
         lines = [m for m in logs[f"render-{shot}"] if m.startswith("broker ")]
-        assert any(f"broker experts [{shot}]: unload-high-before-low (need " in m
+        assert any(f"broker experts [{shot}]: one-prompt (need " in m
                    and " GiB, free " in m for m in lines), lines
         assert any(m.startswith(f"broker decode [{shot}]") for m in lines), lines
     assert any(m.startswith("broker llm: none") for m in logs["place-llm"])
