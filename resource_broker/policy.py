@@ -162,12 +162,12 @@ def _managed(model: CostModel, c: ShotCost, usable: int, margin: int, memory_mod
                       "shots; measured 1.52x faster than a staged split at 32 GiB free",
            "cpu": "ComfyUI runs on the CPU: no VRAM to manage",
            "estimate": "ComfyUI's classic loader loads what fits and offloads the rest; "
-                       "measured 1.11x (32 GiB free) to 1.45x (14 GiB) faster than the "
+                       "measured 1.11x (32 GiB free) to 1.46x (14 GiB) faster than the "
                        "broker's staged split"}[memory_mode]
     if strategy == "one-prompt":
         why = "one prompt per shot, forced by broker.strategy; " + why
     out.append(Decision("experts", "one-prompt", gib(peak), gib(usable), why,
-                        {"managed_by": "comfyui" if memory_mode != "estimate" else "broker"}))
+                        {"managed_by": "comfyui"}))
     return resident, peak
 
 

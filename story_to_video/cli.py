@@ -449,9 +449,16 @@ def broker_plan(
     budget_gib: Annotated[float, typer.Option("--budget-gib", help="VRAM budget")],
     llm_gib: Annotated[float, typer.Option("--llm-gib", help="VRAM the LLM holds")] = 0.0,
     margin_gib: Annotated[float, typer.Option("--margin-gib")] = 1.0,
+    memory_mode: Annotated[str, typer.Option(
+        "--memory-mode", help="who manages VRAM in ComfyUI: dynamic (0.33's default), "
+        "estimate (--disable-dynamic-vram or older), cpu")] = "dynamic",
+    strategy: Annotated[str, typer.Option(
+        "--strategy", help="auto | one-prompt | staged | broker")] = "auto",
+    shots: Annotated[int, typer.Option("--shots", help="shots in the batch")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Dry run, no GPU touched: predicted peak of each stage and the broker's actions."""
+    """Dry run, no GPU touched: which case applies and why, the predicted peak of each stage
+    and the broker's actions."""
     from pydantic import ValidationError
 
     from resource_broker.cost_model import CostModel
@@ -463,7 +470,8 @@ def broker_plan(
         Shot(id="s01_sh01", scene_index=0, shot_index=0, action="-", prompt="-",
              frames=frames, fps=16, width=width, height=height, seed=0)
         result = plan_shot(CostModel.for_model(model), frames, width, height,
-                           budget_gib=budget_gib, margin_gib=margin_gib, llm_gib=llm_gib)
+                           budget_gib=budget_gib, margin_gib=margin_gib, llm_gib=llm_gib,
+                           memory_mode=memory_mode, strategy=strategy)
     except ValidationError as err:
         _fail(ValueError("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in err.errors())))
     except (BudgetTooSmall, ValueError) as err:
@@ -473,6 +481,7 @@ def broker_plan(
         return
     typer.echo(f"{model}: {frames} frames at {width}x{height}, budget {budget_gib} GiB "
                f"(margin {margin_gib}), LLM {llm_gib} GiB")
+    typer.echo("case: " + broker_case(memory_mode, strategy, result, shots, budget_gib))
     typer.echo("cost (GiB): " + ", ".join(f"{k} {v}" for k, v in result.cost.items()))
     typer.echo("predicted peak per stage (GiB): " + ", ".join(
         f"{k} {v}" for k, v in result.stage_peaks_gib.items()) + f"; peak {result.peak_gib}")
@@ -480,6 +489,27 @@ def broker_plan(
         extra = f" {d.params}" if d.params else ""
         typer.echo(f"  {d.stage:8} {d.action:26} need {d.predicted_gib:6.2f} GiB of "
                    f"{d.available_gib:6.2f}: {d.reason}{extra}")
+
+
+def broker_case(memory_mode: str, strategy: str, p: Any, shots: int, budget_gib: float) -> str:
+    """One line: which measured case applies (README, GPU broker) and what follows."""
+    if memory_mode == "cpu":
+        return "ComfyUI on the CPU: no VRAM to manage, the broker only logs"
+    if strategy != "auto":
+        return f"strategy {strategy} forced by the setting; auto would follow the measurements"
+    both = sum(v for k, v in p.cost.items() if k in ("expert",)) * 2 + p.cost.get(
+        "activations", 0) + p.cost.get("context", 0)
+    if memory_mode == "dynamic":
+        return ("dynamic VRAM: one prompt per shot, ComfyUI keeps the experts between shots "
+                "and sizes the decode (measured: staged 1.52x, pass-major 1.04x slower); the "
+                "broker's work is the LLM beside it")
+    if shots >= 2 and both + p.margin_gib > budget_gib:
+        return (f"classic loader, both experts need {both:.2f} GiB + {p.margin_gib:g} margin "
+                f"> {budget_gib:g}: "
+                f"{shots} shots pass by pass, each expert loaded once (measured 1.32x faster "
+                "than one prompt per shot at 32 GiB, 1.06x at 14)")
+    return ("classic loader: one prompt per shot, ComfyUI loads what fits (measured faster "
+            "than the staged split: 1.11x at 32 GiB, 1.46x at 14); the broker sizes the decode")
 
 
 # Prefect's temporary server (a run without PREFECT_API_URL) must not print failures that are

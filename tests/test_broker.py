@@ -346,3 +346,19 @@ def test_classic_cache_keeps_staging_but_refuses_pass_major(fake: FakeComfyUI,
     assert list(one.details["stage_seconds"]) == ["all"]  # a split would encode 3 times
     assert any(ev.action == "one-prompt" and "re-run the text encoder" in ev.reason
                for ev in e2.broker.events)  # type: ignore[union-attr]
+
+
+def test_broker_plan_says_which_measured_case_applies() -> None:
+    from typer.testing import CliRunner
+
+    from story_to_video.cli import app
+
+    base = ["broker", "plan", "--model", "wan2.2-14b", "--frames", "81", "--width", "832",
+            "--height", "480", "--budget-gib", "32"]
+    dyn = CliRunner().invoke(app, base)
+    assert dyn.exit_code == 0 and "case: dynamic VRAM: one prompt per shot" in dyn.output
+    old = CliRunner().invoke(app, [*base, "--memory-mode", "estimate", "--shots", "3"])
+    assert "case: classic loader, both experts need 31.15 GiB + 1 margin > 32: 3 shots pass " \
+        "by pass" in old.output
+    bad = CliRunner().invoke(app, [*base, "--strategy", "fastest"])
+    assert bad.exit_code == 2 and "strategy must be one of" in bad.output

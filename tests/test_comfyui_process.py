@@ -102,3 +102,26 @@ def test_server_dying_during_latent_upload(tmp_path: Path,
         assert probe(result.path).frames == 17 and p.restarts == 1
     finally:
         e.close()
+
+
+def test_an_llm_that_cannot_move_gets_headroom_in_comfyuis_command(tmp_path: Path) -> None:
+    from story_to_video.config import Settings
+    from story_to_video.engines.comfyui.engine import headroom_args
+
+    src = tmp_path / "ComfyUI"
+    src.mkdir()
+    (src / "comfyui_version.py").write_text('__version__ = "0.33.0"\n')
+    cmd = ["python", str(src / "main.py"), "--port", "8188"]
+
+    def args(backend: str, gib: float, version: str | None = None) -> list[str]:
+        if version:
+            (src / "comfyui_version.py").write_text(f'__version__ = "{version}"\n')
+        return headroom_args(Settings(engine="comfyui", comfyui={"command": cmd},
+                                      llm={"backend": backend,
+                                           "base_url": "http://127.0.0.1:8080/v1"},
+                                      broker={"llm_gib": gib}))
+
+    assert args("openai-compatible", 12) == ["--vram-headroom", "12"]
+    assert args("openai-compatible", 12, "0.8.0") == ["--reserve-vram", "12"]
+    assert args("lmstudio", 12) == []  # the broker moves it before the video work
+    assert args("openai-compatible", 0) == []  # nothing known to keep free

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,34 @@ def output_file(outputs: dict[str, Any], node: str) -> dict[str, Any]:
                     VIDEO_SUFFIXES):
                 return item
     raise ComfyUIError(f"output node {node} reported no video file (outputs: {node_out})")
+
+
+def comfyui_version(command: list[str], cwd: str | None) -> tuple[int, ...] | None:
+    """The version of the ComfyUI a command starts, from comfyui_version.py beside its
+    main.py; None when it cannot be told."""
+    main = next((Path(cwd or ".") / a for a in command if a.endswith("main.py")), None)
+    try:
+        text = (main.parent / "comfyui_version.py").read_text() if main else ""
+    except OSError:
+        return None
+    found = re.search(r"__version__\s*=\s*[\"']([\d.]+)", text)
+    return tuple(int(x) for x in found.group(1).split(".")) if found else None
+
+
+def headroom_args(settings: Settings) -> list[str]:
+    """An LLM the broker cannot move keeps its VRAM all night: a ComfyUI the project starts
+    is told to leave that much free (dynamic VRAM would otherwise take it; --vram-headroom
+    since 0.33, --reserve-vram before)."""
+    cmd, llm = settings.comfyui.command or [], settings.llm
+    movable = llm.backend in ("lmstudio", "ollama", "llamacpp-embedded") or llm.server_command
+    gib = settings.broker.llm_gib
+    if movable or gib <= 0 or "--vram-headroom" in cmd or "--reserve-vram" in cmd:
+        return []
+    version = comfyui_version(cmd, settings.comfyui.cwd)
+    flag = "--vram-headroom" if version is None or version >= (0, 33) else "--reserve-vram"
+    log.info("LLM (%s, %.1f GiB) cannot be moved: starting ComfyUI with %s %.1f", llm.backend,
+             gib, flag, gib)
+    return [flag, f"{gib:g}"]
 
 
 @dataclass
@@ -111,7 +140,8 @@ class ComfyUIEngine:
         bound = BoundWorkflow.load(workflows.binding_path(cfg.binding or cfg.workflow))
         server: ComfyUIServer
         if cfg.command:
-            server = ComfyUIProcess(cfg.command, url=cfg.url, cwd=cfg.cwd,
+            server = ComfyUIProcess(cfg.command + headroom_args(settings), url=cfg.url,
+                                    cwd=cfg.cwd,
                                     log_path=(log_dir / "comfyui.log") if log_dir else None,
                                     start_timeout_s=cfg.start_timeout_s)
         else:
