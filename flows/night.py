@@ -814,6 +814,9 @@ def run_night(parsed: ParsedBatch, scenes: int, target_seconds: float,
         return {"eta": eta.to_json(), "eta_text": night.eta_text}, eta
     for idea in ideas:
         row: dict[str, Any] = {"where": idea.where, "idea": idea.text}
+        with contextlib.suppress(AttributeError):  # the key of its report and VRAM artifacts
+            spec = idea.folder.spec
+            row["slug"] = run_slug(idea.text, spec.run_name, spec.key)
         if idea.status == "done":
             summary["done"].append({**row, "final": idea.final})
         elif idea.status == "left":

@@ -211,16 +211,30 @@ def story_to_video(
 
 
 def night_outcomes(result: dict[str, Any]) -> list[VideoOutcome]:
-    """The batch table's rows from the night's summary (one run for the whole night)."""
-    rows = [VideoOutcome(r["idea"], "Completed", r["final"], where=r["where"])
-            for r in result["done"]]
-    rows += [VideoOutcome(r.get("idea", ""), "Failed", reason=r["reason"], where=r["where"])
-             for r in result["failed"]]
-    rows += [VideoOutcome(r.get("idea", ""), "Skipped", reason=r["reason"], where=r["where"])
-             for r in result["skipped"]]
-    rows += [VideoOutcome(r["idea"], "Left", reason=f"{r['shots_done']} shots done; left for "
-                          "the next night (--until)", where=r["where"]) for r in result["left"]]
-    return rows
+    """The batch table's rows from the night's summary, unreadable lines first, then the
+    ideas in batch-file order; the night
+    renders every idea in this one run, so each row links to it and to its artifacts."""
+    from prefect.runtime import flow_run
+
+    run_id = UUID(flow_run.id) if flow_run.id else None
+    rows = [(r, VideoOutcome(r["idea"], "Completed", r["final"], run_id, where=r["where"],
+                             slug=r.get("slug", ""))) for r in result["done"]]
+    rows += [(r, VideoOutcome(r.get("idea", ""), "Failed", None, run_id, r["reason"],
+                              r["where"], r.get("slug", ""))) for r in result["failed"]]
+    rows += [(r, VideoOutcome(r.get("idea", ""), "Skipped", reason=r["reason"],
+                              where=r["where"])) for r in result["skipped"]]
+    rows += [(r, VideoOutcome(r["idea"], "Left", None, run_id, f"{r['shots_done']} shots "
+                              "done; left for the next night (--until)", r["where"],
+                              r.get("slug", ""))) for r in result["left"]]
+    # lines that could not be read first (as the batch file's reader reports them), then
+    # the ideas in file order
+    return [o for _r, o in sorted(rows, key=lambda ro: (bool(ro[1].idea),
+                                                         _line_no(ro[0]["where"])))]
+
+
+def _line_no(where: str) -> int:
+    digits = "".join(ch for ch in where if ch.isdigit())
+    return int(digits) if digits else 0
 
 
 def _media_url(config_file: str | None) -> str:

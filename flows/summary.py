@@ -61,6 +61,7 @@ class VideoOutcome:
     flow_run_id: UUID | None = None
     reason: str = ""
     where: str = ""  # the batch line, if any
+    slug: str = ""  # its artifacts' keys end so (a night renders every idea in one run)
 
     @classmethod
     def from_state(cls, idea: str, state: State[Any], where: str = "") -> VideoOutcome:
@@ -88,8 +89,9 @@ def _video_cell(o: VideoOutcome, media_url: str) -> str:
         return link
 
 
-def _artifacts_of(flow_run_id: UUID | None) -> dict[str, UUID]:
-    """The latest artifact of each kind (report, vram, ...) a video run created."""
+def _artifacts_of(flow_run_id: UUID | None, slug: str = "") -> dict[str, UUID]:
+    """The latest artifact of each kind (report, vram, ...) a video run created (of one
+    idea's, when a run made several)."""
     if flow_run_id is None:
         return {}
     from prefect.client.orchestration import get_client
@@ -100,7 +102,7 @@ def _artifacts_of(flow_run_id: UUID | None) -> dict[str, UUID]:
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     kinds: dict[str, UUID] = {}
     for a in sorted(found, key=lambda a: a.created or 0):
-        if a.key:
+        if a.key and (not slug or a.key.endswith(f"-{slug}")):
             kinds[a.key.split("-", 1)[0]] = a.id
     return kinds
 
@@ -127,7 +129,7 @@ def summary_markdown(title: str, outcomes: list[VideoOutcome], media_url: str) -
              # The UI never wraps a table cell: short cells keep the table within the page.
              "| idea | state | video | open |", "|---|---|---|---|"]
     for o in outcomes:
-        arts = _artifacts_of(o.flow_run_id)
+        arts = _artifacts_of(o.flow_run_id, o.slug)
         links = [f"[run]({flow_run_link(o.flow_run_id)})"] if o.flow_run_id else []
         links += [f"[{kind}]({artifact_link(arts[kind])})" for kind in ("report", "vram")
                   if kind in arts]

@@ -146,8 +146,9 @@ class Broker:
                "once per batch" if pays else
                f"{self.memory_mode} memory, strategy {self.strategy}, {shots} shot(s), both "
                f"experts need {both / GIB:.2f} GiB of {self.budget_gib:.2f}: clip by clip")
-        self.record(BrokerEvent("batch", "pass-major" if pays else "clip-by-clip",
-                                both / GIB, self.free_gib(), why, "planned"))
+        if pays:  # clip by clip is the default: only a change of course is news
+            self.record(BrokerEvent("batch", "pass-major", both / GIB, self.free_gib(), why,
+                                    "planned"))
         return pays
 
     def place_llm_for_video(self, p: BrokerPlan) -> BrokerEvent:

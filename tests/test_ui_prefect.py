@@ -156,5 +156,5 @@ def test_batch_run_shows_a_table_of_its_ideas(fake: FakeComfyUI, tmp_path: Path,
     assert "[report](" in rows[1] and "[vram](" in rows[1]
     assert "[run](" in rows[3] and "final.mp4" not in rows[3]
     assert "line 3: a crab guards a shell: **Skipped**: duplicate of line 1" in text
-    assert "line 4: a fox with no plan yet: **Failed**: LLMUnavailable: " in text
+    assert "line 4: a fox with no plan yet: **Failed**: LLMNotReachable: " in text
     assert "- line 2: **Skipped**: not JSON" in text
