@@ -141,12 +141,10 @@ class Broker:
         budget = int(self.budget_gib * GIB)
         pays = (self.memory_mode == "estimate" and self.strategy == "auto" and shots >= 2
                 and self.cost.spec.experts == 2 and both + int(self.margin_gib * GIB) > budget)
-        why = (f"classic loader, both experts + activations need {both / GIB:.2f} GiB + "
-               f"{self.margin_gib:g} GiB margin > {self.budget_gib:.2f} GiB: each expert "
-               "once per batch" if pays else
-               f"{self.memory_mode} memory, strategy {self.strategy}, {shots} shot(s), both "
-               f"experts need {both / GIB:.2f} GiB of {self.budget_gib:.2f}: clip by clip")
         if pays:  # clip by clip is the default: only a change of course is news
+            why = (f"classic loader, both experts + activations need {both / GIB:.2f} GiB + "
+                   f"{self.margin_gib:g} GiB margin > {self.budget_gib:.2f} GiB: each expert "
+                   "once per batch")
             self.record(BrokerEvent("batch", "pass-major", both / GIB, self.free_gib(), why,
                                     "planned"))
         return pays
