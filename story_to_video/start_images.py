@@ -164,6 +164,10 @@ class StartImages:
         self.sources = sources(plan, mode, user)
         self.by_id = {s.id: s for s in plan.shots}
 
+    def _without_plan_images(self) -> StartImages:
+        self.sources = {k: Source("none") for k in self.sources}
+        return self
+
     @property
     def active(self) -> bool:
         return any(s.kind != "none" for s in self.sources.values())
@@ -271,3 +275,32 @@ class StartImages:
     def source_label(self, shot: Shot) -> str:
         src = self.sources[shot.id]
         return f"chain after {src.after}" if src.kind == "chain" else src.kind
+
+    # -- before any work --------------------------------------------------------------------
+    def check(self) -> list[Shot]:
+        """Every user and character image readable (StartImageError names the file), and
+        the shots as the engine will get them (a marker where a start image will be), for
+        the engine's own check."""
+        out = []
+        for shot in self.plan.shots:
+            src = self.sources[shot.id]
+            if src.image is not None:
+                read_user_image(Path(src.image), shot)
+            out.append(shot.model_copy(update={
+                "start_image": None if src.kind == "none" else f"({src.kind})"}))
+        return out
+
+
+def for_run(mode: str, plan: ShotPlan, folder: RunFolder, engine: Any,
+            user: UserImages | None = None) -> StartImages:
+    """The run's start images for this engine. A workflow with no start-image input
+    (text to video) gets none: said once in the log, not silently."""
+    starts = StartImages(plan, folder, mode, engine.fingerprint,
+                         engine if hasattr(engine, "render_keyframe") else None, user)
+    if starts.active and not getattr(engine, "takes_start_image", False):
+        log.warning("start images (video.start_images = %s, or images given) are not used: "
+                    "the workflow has no start_image input; use an image-to-video or TI2V "
+                    "workflow (wan22_14b_i2v, wan22_ti2v_5b)", mode)
+        return StartImages(plan, folder, "none", engine.fingerprint, None,
+                           UserImages())._without_plan_images()
+    return starts
