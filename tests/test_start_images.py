@@ -241,3 +241,42 @@ def test_contact_sheet_puts_the_start_image_beside_the_clip_frame(tmp_path: Path
     left = sheet[10:60, 10:100]
     assert left[..., 1].mean() > 180 and left[..., 0].mean() < 40  # the green start image
     assert sheet[10:60, 2 * 128 + 4 + 10:2 * 128 + 4 + 100, 1].mean() < 180  # empty slot
+
+
+def test_keyframe_workflow_must_save_an_image(tmp_path: Path) -> None:
+    import workflows
+    from story_to_video.engines.comfyui import WorkflowError
+    from story_to_video.engines.comfyui.engine import load_keyframe_workflow
+
+    with pytest.raises(WorkflowError, match='must say output = "image" and name its image '
+                       r"output node \(e.g. SaveImage\)"):
+        load_keyframe_workflow(workflows.binding_path("wan22_14b_t2v"))
+    src = workflows.binding_path("wan22_14b_t2v_keyframe")
+    wf = json.loads((src.parent / "wan22_14b_t2v_keyframe.json").read_text())
+    wf["80"] = {"class_type": "SaveVideo", "inputs": {"video": ["87", 0],
+                                                      "filename_prefix": "x"}}
+    (tmp_path / "kf.json").write_text(json.dumps(wf))
+    binding = tmp_path / "kf.binding.toml"
+    binding.write_text(src.read_text().replace("wan22_14b_t2v_keyframe.json", "kf.json"))
+    with pytest.raises(WorkflowError, match="nodes.output 80 is SaveVideo, which saves a video"):
+        load_keyframe_workflow(binding)
+
+
+def test_ti2v_cuts_its_load_image_for_a_shot_without_start_image(tmp_path: Path) -> None:
+    import workflows
+    from story_to_video.engines.comfyui import (
+        AttachedComfyUI,
+        BoundWorkflow,
+        ComfyUIClient,
+        ComfyUIEngine,
+    )
+
+    url = "http://127.0.0.1:9"
+    engine = ComfyUIEngine(ComfyUIClient(url),
+                           BoundWorkflow.load(workflows.binding_path("wan22_ti2v_5b")),
+                           AttachedComfyUI(url))
+    engine.check_shots([make_shot(0, 0)])  # optional: no refusal
+    prompt = engine._prompt(make_shot(0, 0), None)
+    assert "56" not in prompt and "start_image" not in prompt["55"]["inputs"]
+    assert prompt["55"]["inputs"]["width"] == 128
+
