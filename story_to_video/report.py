@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic import atomic_path, write_text_atomic
 from .engines.video_io import read_frame
 from .models import ShotPlan
+from .run import InputError, inside
 from .textsafe import code, md, md_block
 from .ui import artifact_key, media_link
 
@@ -246,13 +247,24 @@ def _vram_section(records: list[dict[str, Any]], plot: Path | None, links: Links
     return lines
 
 
+def _start_image(root: Path, record: dict[str, Any]) -> Path | None:
+    """A record's start image, only where it lies inside the run folder."""
+    name = record.get("start_image")
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        return inside(root, name)
+    except InputError:
+        return None
+
+
 def write_report(root: Path, plan: ShotPlan, records: list[dict[str, Any]],
                  run_info: dict[str, Any], plot: Path | None, *, media_url: str,
                  slug: str, failure: str | None = None) -> Path:
     """report.md in `root` and, inside a Prefect run, the report and VRAM table artifacts
     (keys `report-<slug>`, `vram-<slug>`)."""
     clips = [(r["shot_id"], root / "clips" / r["clip"], int(r["frames"])) for r in records]
-    starts = {r["shot_id"]: root / r["start_image"] for r in records if r.get("start_image")}
+    starts = {r["shot_id"]: p for r in records if (p := _start_image(root, r))}
     sheet = contact_sheet(clips, root / "contact-sheet.png", starts=starts) if clips else None
     common: dict[str, Any] = {"root": root, "sheet": sheet, "plot": plot,
                               "run_info": run_info, "failure": failure}
