@@ -280,3 +280,36 @@ def test_ti2v_cuts_its_load_image_for_a_shot_without_start_image(tmp_path: Path)
     assert "56" not in prompt and "start_image" not in prompt["55"]["inputs"]
     assert prompt["55"]["inputs"]["width"] == 128
 
+
+
+class LayeredPreview(PreviewEngine):
+    """The preview engine with a pass-major entry point that records its batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+
+    def can_pass_major(self) -> bool:
+        return True
+
+    def pass_major_refusal(self, shots: int) -> str | None:
+        return None
+
+    def render_pass_major(self, shots: list[Any], out_paths: list[Path],
+                          progress: Any = None) -> list[Any]:
+        self.batches.append([s.id for s in shots])
+        return [self.render(s, p) for s, p in zip(shots, out_paths, strict=True)]
+
+
+@pytest.mark.slow
+def test_pass_major_goes_layer_by_layer_of_the_chains(prefect_harness: None,
+                                                      tmp_path: Path) -> None:
+    from flows.pipeline import pass_major_layers
+
+    plan = plan_of([3, 2])
+    folder = seeded(tmp_path, plan)
+    engine = LayeredPreview()
+    pass_major_layers(engine, StartImages(plan, folder, "chain", engine.fingerprint), folder)
+    assert engine.batches == [["s01_sh01", "s02_sh01"], ["s01_sh02", "s02_sh02"],
+                              ["s01_sh03"]]
+    assert len(list(folder.clips.glob("*.mp4"))) == 5
