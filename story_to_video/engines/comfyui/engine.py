@@ -198,7 +198,11 @@ class ComfyUIEngine:
         try:
             self._start_server()
             stats = self.client.system_stats()
-            problems = self.bound.online_problems(self.client.object_info())
+            classes = self.client.object_info()
+            problems = self.bound.online_problems(classes)
+            if self.keyframe is not None:  # keyframes are wanted: their workflow too
+                problems += [f"keyframe workflow {Path(self.keyframe.source).name}: {p}"
+                             for p in self.keyframe.online_problems(classes)]
         except ComfyUIError as err:
             return EngineStatus(False, str(err))
         if problems:
