@@ -44,8 +44,6 @@ def render_keyframes(engine: Any, starts: StartImages, broker: Broker | None = N
     if not todo:
         log.info("keyframes: all %d finished already, none redone", len(shots))
         return 0
-    if hasattr(engine, "check_keyframes"):
-        engine.check_keyframes()  # classes and model files, before any GPU time
     made = 0
     for shot in todo:
         lock = starts.keyframe_path(shot).with_suffix(".claim")

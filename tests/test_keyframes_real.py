@@ -64,21 +64,26 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_ti2v_chain_of_three_killed_after_shot_one_resumes_from_its_last_frame(
-        real_comfyui: Any, tmp_path: Path) -> None:
-    """TI2V 5B, video.start_images = chain: shot 1 starts from a user image of another size
-    (scaled and cropped), shots 2 and 3 from the last frame of the clip before. The run is
-    killed once shot 1 is finished; the re-run does not redo it."""
+def user_plan(tmp_path: Path, idea: str, shots: list[int], seed: int) -> tuple[RunFolder, Path]:
+    """A plan whose first shot starts from a user image of another size (200x120)."""
     user = tmp_path / "keeper.png"
     Image.new("RGB", (200, 120), (200, 60, 30)).save(user)
-    folder = seeded(tmp_path, "real chain of three", [3], seed=81)
+    folder = seeded(tmp_path, idea, shots, seed=seed)
     plan = folder.load_plan()
     assert plan is not None
-    first = plan.scenes[0].shots[0].model_copy(update={"start_image": str(user)})
-    plan.scenes[0].shots[0] = first
+    plan.scenes[0].shots[0] = plan.scenes[0].shots[0].model_copy(
+        update={"start_image": str(user)})
     folder.save_plan(ShotPlan.model_validate(plan.model_dump()))
-    env = {"STV_COMFYUI__WORKFLOW": "wan22_ti2v_5b", "STV_VIDEO__START_IMAGES": "chain"}
+    return folder, user
 
+
+def test_chain_of_three_killed_after_shot_one_resumes_from_its_last_frame(
+        real_comfyui: Any, tmp_path: Path) -> None:
+    """Wan 2.2 14B I2V, video.start_images = chain: shot 1 starts from the user's image
+    (scaled and cropped to the shot), shots 2 and 3 from the last frame of the clip before.
+    The run is killed once shot 1 is finished; the re-run does not redo it."""
+    folder, _user = user_plan(tmp_path, "real chain of three", [3], seed=81)
+    env = {"STV_COMFYUI__WORKFLOW": "wan22_14b_i2v", "STV_VIDEO__START_IMAGES": "chain"}
     args, full_env = cli_call(folder, real_comfyui.url, env)
     proc = subprocess.Popen(args, env=full_env, cwd=folder.spec.output_dir, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -86,7 +91,7 @@ def test_ti2v_chain_of_three_killed_after_shot_one_resumes_from_its_last_frame(
     deadline = time.monotonic() + 1200
     while not list(folder.clips.glob("s01-sh01-*.json")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # between shot 1 and shot 2
     proc.communicate()
     done = {p: p.stat().st_mtime_ns for p in folder.clips.glob("s01-sh01-*")}
@@ -100,17 +105,28 @@ def test_ti2v_chain_of_three_killed_after_shot_one_resumes_from_its_last_frame(
     for r in recs.values():
         clip = probe(folder.clips / r["clip"])
         assert (clip.frames, clip.width, clip.height) == (FRAMES, 128, 128)
-
     # shot 1: the user's image, scaled and cropped to 128x128, is what ComfyUI loaded
-    sent1 = uploaded(real_comfyui, recs["s01_sh01"], "56")
+    sent1 = uploaded(real_comfyui, recs["s01_sh01"], "97")
     assert pixels(sent1).shape == (128, 128, 3)
     assert np.array_equal(pixels(sent1), pixels(folder.root / recs["s01_sh01"]["start_image"]))
     # shots 2 and 3: exactly the last decoded frame of the clip before
     for prev, nxt in (("s01_sh01", "s01_sh02"), ("s01_sh02", "s01_sh03")):
         last = read_frame(folder.clips / recs[prev]["clip"], FRAMES - 1)
-        assert np.array_equal(pixels(uploaded(real_comfyui, recs[nxt], "56")), last)
-    report = (folder.root / "report.md").read_text()
-    assert "contact sheet" in report
+        assert np.array_equal(pixels(uploaded(real_comfyui, recs[nxt], "97")), last)
+        assert recs[nxt]["start_image"].startswith(f"keyframes/{nxt.replace('_', '-')}-chain-")
+
+
+def test_ti2v_5b_from_a_start_image(real_comfyui: Any, tmp_path: Path) -> None:
+    """TI2V 5B takes an optional start image: given one, its LoadImage node feeds it."""
+    folder, _user = user_plan(tmp_path, "real ti2v from image", [1], seed=85)
+    res = run_cli(folder, real_comfyui.url, env={"STV_COMFYUI__WORKFLOW": "wan22_ti2v_5b"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    rec = manifest(folder)["shots"][0]
+    sent = history(real_comfyui.url, rec["details"]["prompt_id"])["prompt"][2]
+    assert sent["55"]["inputs"]["start_image"] == ["56", 0]
+    assert np.array_equal(pixels(uploaded(real_comfyui, rec, "56")),
+                          pixels(folder.root / rec["start_image"]))
+    assert probe(folder.clips / rec["clip"]).frames == FRAMES
 
 
 def test_i2v_from_keyframes_rendered_first(real_comfyui: Any, tmp_path: Path) -> None:

@@ -318,15 +318,6 @@ class ComfyUIEngine:
                                 "keyframe+chain")
         return f"comfyui-keyframe-{self.keyframe.fingerprint()}"
 
-    def check_keyframes(self) -> None:
-        """Before the first keyframe: its workflow's classes, inputs and model files exist."""
-        assert self.keyframe is not None
-        self._ensure_started()
-        problems = self.keyframe.online_problems(self.client.object_info())
-        if problems:
-            raise WorkflowError(f"keyframe workflow {Path(self.keyframe.source).name}: "
-                                + "; ".join(problems))
-
     def keyframe_models(self) -> tuple[set[str], set[str]]:
         """Model files of the keyframe and the video workflow: shared files load once."""
         def files(bw: BoundWorkflow | None) -> set[str]:
