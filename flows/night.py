@@ -216,10 +216,15 @@ def llm_moves(settings: Settings, first: WorkItem | None) -> tuple[int, int]:
 
 def shot_deps(idea: Idea, shot: Shot) -> tuple[str, ...]:
     """Shots this one starts from: the shot before it in its scene, when chained."""
+    return idea_deps(idea).get(shot.id, ())
+
+
+def idea_deps(idea: Idea) -> dict[str, tuple[str, ...]]:
+    """Every chained shot of the idea and the shot it starts from."""
     if idea.plan is None or not takes_start_image(idea.settings):
-        return ()
-    after = sources(idea.plan, idea.settings.video.start_images, idea.user)[shot.id].after
-    return (after,) if after else ()
+        return {}
+    found = sources(idea.plan, idea.settings.video.start_images, idea.user)
+    return {k: (src.after,) for k, src in found.items() if src.after}
 
 
 def takes_start_image(settings: Settings) -> bool:
@@ -238,8 +243,9 @@ def idea_items(idea: Idea) -> tuple[list[WorkItem], bool]:
     """The idea's work items: its planned shots, or an estimate before the LLM planned it
     (shots per scene as the planner would aim for, frames split from the target)."""
     if idea.plan is not None:
-        return [WorkItem(idea.index, s.id, s.frames, s.width, s.height,
-                         shot_deps(idea, s)) for s in idea.plan.shots], False
+        deps = idea_deps(idea)
+        return [WorkItem(idea.index, s.id, s.frames, s.width, s.height, deps.get(s.id, ()))
+                for s in idea.plan.shots], False
     spec, v = idea.folder.spec, idea.settings.video
     per_scene = min(v.max_shots_per_scene,
                     max(2, min_shots_per_scene(spec.target_seconds, v.fps, spec.scenes)))

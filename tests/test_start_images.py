@@ -313,3 +313,23 @@ def test_pass_major_goes_layer_by_layer_of_the_chains(prefect_harness: None,
     assert engine.batches == [["s01_sh01", "s02_sh01"], ["s01_sh02", "s02_sh02"],
                               ["s01_sh03"]]
     assert len(list(folder.clips.glob("*.mp4"))) == 5
+
+
+def test_the_night_declares_chains_as_dependencies(tmp_path: Path) -> None:
+    from flows.night import Idea, idea_items
+    from story_to_video.config import Settings, VideoSettings
+
+    plan = plan_of([2, 1])
+    folder = seeded(tmp_path, plan)
+
+    def deps(mode: str, workflow: str = "wan22_14b_i2v", engine: str = "comfyui"
+             ) -> list[tuple[str, ...]]:
+        settings = Settings(engine=engine, video=VideoSettings(start_images=mode),
+                            comfyui={"workflow": workflow})
+        items, _estimated = idea_items(Idea(0, "line 1", plan.idea, settings, folder, plan))
+        return [it.deps for it in items]
+
+    assert deps("chain") == [(), ("s01_sh01",), ()]
+    assert deps("keyframe+chain", engine="preview") == [(), ("s01_sh01",), ()]
+    assert deps("keyframe") == [(), (), ()]
+    assert deps("chain", workflow="wan22_14b_t2v") == [(), (), ()]  # no start images there
