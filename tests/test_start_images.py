@@ -333,3 +333,16 @@ def test_the_night_declares_chains_as_dependencies(tmp_path: Path) -> None:
     assert deps("keyframe+chain", engine="preview") == [(), ("s01_sh01",), ()]
     assert deps("keyframe") == [(), (), ()]
     assert deps("chain", workflow="wan22_14b_t2v") == [(), (), ()]  # no start images there
+
+
+@pytest.mark.slow
+def test_a_missing_user_image_stops_the_run_before_any_clip(prefect_harness: None,
+                                                            tmp_path: Path) -> None:
+    plan = plan_of([2])
+    plan.scenes[0].shots[1] = plan.shots[1].model_copy(
+        update={"start_image": str(tmp_path / "gone.png")})
+    folder = seeded(tmp_path, plan)
+    with pytest.raises(StartImageError, match=f"shot s01_sh02: start image {tmp_path}/gone.png"
+                       " does not exist"):
+        run(folder, "chain", tmp_path)
+    assert not list(folder.clips.glob("*.mp4"))
