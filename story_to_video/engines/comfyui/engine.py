@@ -161,7 +161,8 @@ class ComfyUIEngine:
         else:
             server = AttachedComfyUI(cfg.url)
         keyframe = None
-        if settings.video.start_images in ("keyframe", "keyframe+chain"):
+        if settings.video.start_images in ("keyframe", "keyframe+chain") \
+                and "start_image" in bound.binding.inputs:  # text to video uses none
             keyframe = load_keyframe_workflow(keyframe_binding(settings, bound))
         return ComfyUIEngine(ComfyUIClient(cfg.url), bound, server,
                              stall_timeout_s=cfg.stall_timeout_s,
