@@ -664,22 +664,30 @@ class Night:
                 self._add("llm_moves", self.env.clock() - t0)
 
     def _keyframes(self, ideas: list[Idea], gpu: GpuSession) -> None:
-        """Every keyframe of these ideas before any of their clips (one model load each)."""
+        """Every keyframe of these ideas before any of their clips: the keyframe model loads
+        once, and is unloaded (if the broker says so) only after the last idea's."""
+        wanted = []
         for idea in ideas:
             if idea.status != "planned":
                 continue
             try:
                 starts = self._starts(idea)
                 starts.check()  # a missing user image fails this idea, now
-                if starts.keyframe_shots():
-                    t0 = self.env.clock()
-                    render_keyframes(self.env.engine(idea), starts, gpu.broker,
-                                     label=idea.folder.root.name)
-                    self._add("keyframes", self.env.clock() - t0)
+            except Exception as err:
+                self.fail(idea, err)
+                continue
+            if starts.keyframe_shots():
+                wanted.append((idea, starts))
+        for n, (idea, starts) in enumerate(wanted):
+            t0 = self.env.clock()
+            try:
+                render_keyframes(self.env.engine(idea), starts, gpu.broker,
+                                 label=idea.folder.root.name, last=n == len(wanted) - 1)
             except DiskFull:
                 raise
             except Exception as err:  # this idea fails; the others go on
                 self.fail(idea, err)
+            self._add("keyframes", self.env.clock() - t0)
 
     def _render_groups(self, profile: EngineProfile, groups: list[Group],
                        gpu: GpuSession) -> None:

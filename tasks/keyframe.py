@@ -33,8 +33,10 @@ def _broker_plan(engine: Any, broker: Broker | None, shots: list[Shot], clips: i
 
 @task(name="keyframes", task_run_name="keyframes-{label}", cache_policy=NO_CACHE)
 def render_keyframes(engine: Any, starts: StartImages, broker: Broker | None = None,
-                     label: str = "run") -> int:
-    """Render the run's missing keyframes; returns how many were rendered now."""
+                     label: str = "run", last: bool = True) -> int:
+    """Render the run's missing keyframes; returns how many were rendered now. `last`:
+    no other run's keyframes follow (a night renders every idea's keyframes in a row and
+    unloads the keyframe model, if the broker says so, only after the last)."""
     log = get_run_logger()
     shots = starts.keyframe_shots()
     todo = [s for s in shots if not starts.keyframe_done(s)]
@@ -59,5 +61,5 @@ def render_keyframes(engine: Any, starts: StartImages, broker: Broker | None = N
                      time.monotonic() - t0)
         finally:
             release(lock)
-    engine.after_keyframes(unload)
+    engine.after_keyframes(unload and last)
     return made
