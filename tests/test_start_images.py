@@ -346,3 +346,55 @@ def test_a_missing_user_image_stops_the_run_before_any_clip(prefect_harness: Non
                        " does not exist"):
         run(folder, "chain", tmp_path)
     assert not list(folder.clips.glob("*.mp4"))
+
+
+@pytest.mark.slow
+def test_a_night_renders_keyframes_first_chains_in_order_and_resumes(
+        prefect_harness: None, tmp_path: Path) -> None:
+    """The batch's night (RealNight, preview engine, plans already made: no LLM) with
+    keyframe+chain, a character image from the batch entry, then the same night again."""
+    from prefect import flow
+
+    from flows.night import NightOptions, run_night
+    from story_to_video.batch import parse_batch_text
+
+    face = tmp_path / "keeper.png"
+    Image.new("RGB", (64, 64), (0, 0, 250)).save(face)
+    first, second = plan_of([2, 1]), plan_of([2])
+    second = second.model_copy(update={"idea": "a whale sings"})
+    folders = [seeded(tmp_path, first), seeded(tmp_path, second)]
+    cfg = tmp_path / "stv.toml"
+    cfg.write_text('[video]\nstart_images = "keyframe+chain"\n')
+    lines = [json.dumps({"idea": p.idea, "scenes": len(p.scenes),
+                         "target_seconds": p.target_seconds, "style": p.style,
+                         **({"character_images": {"Keeper": str(face)}} if n else {})})
+             for n, p in enumerate((first, second))]
+
+    @flow(name="test-night-keyframes")
+    def night() -> dict[str, Any]:
+        parsed = parse_batch_text("\n".join(lines), "jsonl")
+        result, _eta = run_night(parsed, 1, 4.0, {"engine": "preview", "output_dir": str(
+            tmp_path / "runs"), "config_file": str(cfg)}, NightOptions("t", tmp_path / "runs"))
+        return result
+
+    result = night()
+    assert [d["idea"] for d in result["done"]] == [first.idea, second.idea], result
+    recs = [by_id(json.loads(f.manifest_path.read_text())) for f in folders]
+    # idea 1: keyframes for each scene's first shot, the second shot chained
+    assert recs[0]["s01_sh01"]["start_image"].startswith("keyframes/s01-sh01-kf-")
+    assert recs[0]["s02_sh01"]["start_image"].startswith("keyframes/s02-sh01-kf-")
+    chained = folders[0].root / recs[0]["s01_sh02"]["start_image"]
+    last = read_frame(folders[0].clips / recs[0]["s01_sh01"]["clip"], 8)
+    assert np.array_equal(np.asarray(Image.open(chained)), last)
+    # idea 2: the keeper's picture from the batch entry, fitted to the shot, then chained
+    start = folders[1].root / recs[1]["s01_sh01"]["start_image"]
+    assert start.name.startswith("s01-sh01-user-")
+    assert np.asarray(Image.open(start))[..., 2].mean() > 240
+    assert recs[1]["s01_sh02"]["start_image"].startswith("keyframes/s01-sh02-chain-")
+    assert not list((folders[1].root / "keyframes").glob("*-kf-*"))
+
+    files = {p: p.stat().st_mtime_ns for f in folders for p in f.root.rglob("*.png")
+             if "keyframes" in p.parts or p.parent.name == "clips"}
+    again = night()
+    assert len(again["done"]) == 2
+    assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing redone
