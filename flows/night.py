@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -56,8 +56,10 @@ from story_to_video.models import Shot, ShotPlan
 from story_to_video.planner import allocate_frames, min_shots_per_scene
 from story_to_video.report import write_report
 from story_to_video.run import InputError, RunFolder, RunSpec, safe_name
+from story_to_video.start_images import StartImages, UserImages, for_run, sources
 from story_to_video.ui import run_slug
 from tasks.assemble import assemble_video
+from tasks.keyframe import render_keyframes
 from tasks.plan import plan_shots
 from tasks.render import DiskFull, render_group_pass_major, render_shot
 from tasks.story import write_story
@@ -90,6 +92,7 @@ class Idea:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     started_at: float = 0.0
     llm: str = "reused plan"
+    user: UserImages = field(default_factory=UserImages)  # the entry's start images
 
     @property
     def label(self) -> str:
@@ -123,7 +126,9 @@ def read_ideas(parsed: ParsedBatch, scenes: int, target_seconds: float,
         seen[ident] = where
         folder = RunFolder(spec)
         ideas.append(Idea(len(ideas), where, spec.idea, settings, folder,
-                          plan=_load_plan(folder)))
+                          plan=_load_plan(folder),
+                          user=UserImages(dict(entry.start_images or {}),
+                                          dict(entry.character_images or {}))))
     return ideas
 
 
@@ -213,16 +218,37 @@ def llm_moves(settings: Settings, first: WorkItem | None) -> tuple[int, int]:
     return (before, 0 if project_server else 1)  # a project server stops with the night
 
 
-def shot_deps(shot: Shot) -> tuple[str, ...]:
-    """Shots this one starts from (continuity chains of issue 11); none today."""
-    return ()
+def shot_deps(idea: Idea, shot: Shot) -> tuple[str, ...]:
+    """Shots this one starts from: the shot before it in its scene, when chained."""
+    return idea_deps(idea).get(shot.id, ())
+
+
+def idea_deps(idea: Idea) -> dict[str, tuple[str, ...]]:
+    """Every chained shot of the idea and the shot it starts from."""
+    if idea.plan is None or not takes_start_image(idea.settings):
+        return {}
+    found = sources(idea.plan, idea.settings.video.start_images, idea.user)
+    return {k: (src.after,) for k, src in found.items() if src.after}
+
+
+def takes_start_image(settings: Settings) -> bool:
+    """Whether the configured workflow starts clips from images (the preview engine does)."""
+    if settings.engine == "preview":
+        return True
+    import workflows
+    from story_to_video.engines.comfyui import BoundWorkflow
+
+    cfg = settings.comfyui
+    bound = BoundWorkflow.load(workflows.binding_path(cfg.binding or cfg.workflow))
+    return "start_image" in bound.binding.inputs
 
 
 def idea_items(idea: Idea) -> tuple[list[WorkItem], bool]:
     """The idea's work items: its planned shots, or an estimate before the LLM planned it
     (shots per scene as the planner would aim for, frames split from the target)."""
     if idea.plan is not None:
-        return [WorkItem(idea.index, s.id, s.frames, s.width, s.height, shot_deps(s))
+        deps = idea_deps(idea)
+        return [WorkItem(idea.index, s.id, s.frames, s.width, s.height, deps.get(s.id, ()))
                 for s in idea.plan.shots], False
     spec, v = idea.folder.spec, idea.settings.video
     per_scene = min(v.max_shots_per_scene,
@@ -233,13 +259,19 @@ def idea_items(idea: Idea) -> tuple[list[WorkItem], bool]:
 
 
 def idea_plans(ideas: list[Idea], profiles: dict[int, EngineProfile],
-               fingerprints: dict[int, str]) -> list[IdeaPlan]:
+               fingerprints: dict[int, str],
+               prepared: Callable[[Idea, Shot], Shot | None] | None = None
+               ) -> list[IdeaPlan]:
+    """`prepared`: the shot as it is rendered (its start image), None while it waits."""
     out = []
     for idea in ideas:
         items, estimated = idea_items(idea)
         done: set[str] = set()
         if idea.plan is not None and idea.index in fingerprints:
-            for s in idea.plan.shots:
+            for shot in idea.plan.shots:
+                s = prepared(idea, shot) if prepared else shot
+                if s is None:
+                    continue
                 key = idea.folder.shot_key(s, fingerprints[idea.index])
                 if idea.folder.finished_record(s, key) is not None:
                     done.add(f"{idea.index}/{s.id}")
@@ -374,7 +406,8 @@ class RealNight:
         if s.engine == "preview":  # cheap, and it draws the idea's own scene titles
             key = f"preview-{idea.index}"
         else:
-            key = json.dumps([s.engine, s.comfyui.model_dump(mode="json")], sort_keys=True)
+            key = json.dumps([s.engine, s.comfyui.model_dump(mode="json"),
+                              s.video.start_images], sort_keys=True)
         if key not in self._engines:
             self._engines[key] = make_engine(s, idea.plan)
         return self._engines[key]
@@ -462,6 +495,7 @@ class Night:
     scene_no: dict[tuple[int, int], int] = field(default_factory=dict)
     session: LLMSession | None = None
     eta_text: list[str] = field(default_factory=list)
+    starts: dict[int, StartImages] = field(default_factory=dict)
 
     # -- helpers -----------------------------------------------------------------------------
     def _add(self, stage: str, seconds: float) -> None:
@@ -473,6 +507,23 @@ class Night:
     def _fingerprints(self) -> dict[int, str]:
         return {i.index: self.env.engine(i).fingerprint() for i in self.ideas
                 if i.plan is not None}
+
+    def _starts(self, idea: Idea) -> StartImages:
+        """The idea's start images (made once its plan exists)."""
+        assert idea.plan is not None
+        if idea.index not in self.starts:
+            self.starts[idea.index] = for_run(idea.settings.video.start_images, idea.plan,
+                                              idea.folder, self.env.engine(idea), idea.user)
+        return self.starts[idea.index]
+
+    def _prepared(self, idea: Idea, shot: Shot, strict: bool = False) -> Shot | None:
+        return self._starts(idea).prepared(shot, strict=strict)
+
+    def _quiet_prepared(self, idea: Idea, shot: Shot) -> Shot | None:
+        try:
+            return self._prepared(idea, shot)
+        except InputError:  # a bad user image fails its idea when its shot is rendered
+            return None
 
     def _show_progress(self) -> None:
         live = [i for i in self.ideas if i.status != "left"]
@@ -492,7 +543,8 @@ class Night:
 
     # -- 1. ETA ------------------------------------------------------------------------------
     def predict(self, label: str) -> NightEta:
-        plans = idea_plans(self._active(), self.profiles, self._fingerprints())
+        plans = idea_plans(self._active(), self.profiles, self._fingerprints(),
+                           self._quiet_prepared)
         server_starts = bool(self.ideas) and llm_server(self.ideas[0].settings.llm) is not None
         tm = self.tm if server_starts else _no_llm_load(self.tm)
         now = self.env.clock()
@@ -584,7 +636,7 @@ class Night:
         live = [i for i in self._active() if i.plan is not None]
         for idea in live:
             idea.status, idea.started_at = "planned", idea.started_at or self.env.clock()
-        plans = idea_plans(live, self.profiles, self._fingerprints())
+        plans = idea_plans(live, self.profiles, self._fingerprints(), self._quiet_prepared)
         by_profile: dict[EngineProfile, list[Idea]] = {}
         for idea in live:
             by_profile.setdefault(self.profiles[idea.index], []).append(idea)
@@ -607,12 +659,39 @@ class Night:
                             first.frames, first.width, first.height, first.shot_id))
                         self._add("llm_moves", self.env.clock() - t0)
                         placed = gpu.broker
+                    self._keyframes(ideas, gpu)
                     self._render_groups(profile, mine, gpu)
         finally:
             if placed is not None and placed.llm is not None and placed.llm.outlives_night:
                 t0 = self.env.clock()
                 placed.restore_llm()
                 self._add("llm_moves", self.env.clock() - t0)
+
+    def _keyframes(self, ideas: list[Idea], gpu: GpuSession) -> None:
+        """Every keyframe of these ideas before any of their clips: the keyframe model loads
+        once, and is unloaded (if the broker says so) only after the last idea's."""
+        wanted = []
+        for idea in ideas:
+            if idea.status != "planned":
+                continue
+            try:
+                starts = self._starts(idea)
+                starts.check()  # a missing user image fails this idea, now
+            except Exception as err:
+                self.fail(idea, err)
+                continue
+            if starts.keyframe_shots():
+                wanted.append((idea, starts))
+        for n, (idea, starts) in enumerate(wanted):
+            t0 = self.env.clock()
+            try:
+                render_keyframes(self.env.engine(idea), starts, gpu.broker,
+                                 label=idea.folder.root.name, last=n == len(wanted) - 1)
+            except DiskFull:
+                raise
+            except Exception as err:  # this idea fails; the others go on
+                self.fail(idea, err)
+            self._add("keyframes", self.env.clock() - t0)
 
     def _render_groups(self, profile: EngineProfile, groups: list[Group],
                        gpu: GpuSession) -> None:
@@ -657,8 +736,10 @@ class Night:
         """Render a group; returns the items rendered now (not resumed, not deferred)."""
         if pass_major:
             engine = self.env.engine(self._idea(items[0]))
-            pairs = [(_shot(self._idea(it), it.shot_id), self._idea(it).folder)
-                     for it in items]
+            pairs = [(s, self._idea(it).folder) for it in items
+                     if self._idea(it).status == "planned"
+                     and (s := self._quiet_prepared(self._idea(it),
+                                                    _shot(self._idea(it), it.shot_id)))]
             gpu.sampler.timeline.mark(f"pass-major group of {len(items)}")
             try:
                 render_group_pass_major(engine, pairs)
@@ -690,10 +771,12 @@ class Night:
 
     def _render_item(self, it: WorkItem, gpu: GpuSession, wait: bool) -> dict[str, Any] | None:
         idea = self._idea(it)
-        shot = _shot(idea, it.shot_id)
         engine = self.env.engine(idea)
-        gpu.sampler.timeline.mark(f"{idea.index}/{shot.id}")
         try:
+            shot = self._prepared(idea, _shot(idea, it.shot_id), strict=wait)
+            if shot is None:  # what it starts from is held by another worker
+                return None
+            gpu.sampler.timeline.mark(f"{idea.index}/{shot.id}")
             record = render_shot(engine, shot, idea.folder, wait_for_others=wait)
         except DiskFull:
             raise
@@ -713,8 +796,11 @@ class Night:
         if idea.status != "planned" or idea.plan is None:
             return
         engine = self.env.engine(idea)
-        for s in idea.plan.shots:
-            if s.id not in idea.records:
+        for shot in idea.plan.shots:
+            if shot.id not in idea.records:
+                s = self._quiet_prepared(idea, shot)
+                if s is None:
+                    return
                 key = idea.folder.shot_key(s, engine.fingerprint())
                 done = idea.folder.finished_record(s, key)
                 if done is None:

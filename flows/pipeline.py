@@ -26,12 +26,14 @@ from story_to_video.config import ConfigError, Settings, UISettings, load_settin
 from story_to_video.engines import VideoEngine, make_engine
 from story_to_video.llm import open_llm
 from story_to_video.locks import claimed
-from story_to_video.models import ShotPlan
+from story_to_video.models import Shot, ShotPlan
 from story_to_video.planner import check_target_reachable
 from story_to_video.report import write_report
 from story_to_video.run import RunFolder, RunSpec
+from story_to_video.start_images import StartImages, for_run
 from story_to_video.ui import artifact_key, run_slug
 from tasks.assemble import assemble_video
+from tasks.keyframe import render_keyframes
 from tasks.plan import plan_shots
 from tasks.render import (
     place_llm,
@@ -109,13 +111,16 @@ def make_video(
     run_info = {"idea": folder.spec.idea, "scenes": folder.spec.scenes,
                 "target_seconds": folder.spec.target_seconds, "style": folder.spec.style,
                 "engine": settings.engine, "preview": video.is_preview, "llm": llm_used,
-                "started_at": started}
+                "started_at": started, "start_images": settings.video.start_images}
     report = {"media_url": settings.ui.media_url, "slug": run_slug(
         folder.spec.idea, folder.spec.run_name, folder.spec.key)}
     try:
-        video.check_shots(plan.shots)  # e.g. image-to-video without start images: stop now
+        starts = for_run(settings.video.start_images, plan, folder, video)
+        # e.g. image-to-video without start images, or a user image that is missing: now
+        video.check_shots(starts.check())
         with gpu_slot(settings, video), gpu_session(settings, video, folder.root) as gpu:
-            records = render_all(video, plan, folder, gpu, settings.comfyui.pass_major)
+            records = render_all(video, plan, folder, gpu, settings.comfyui.pass_major,
+                                 starts)
             plot = gpu.sampler.timeline.plot(folder.root / "vram-timeline.png",
                                              title=f"VRAM: {folder.root.name}")
     except Exception as err:
@@ -137,7 +142,9 @@ def report_unfinished(folder: RunFolder, plan: ShotPlan, video: VideoEngine,
     """The report of a run that stopped early: what is done, and why the rest is not."""
     try:
         fingerprint = video.fingerprint()
-        records = [r for s in plan.shots
+        starts = for_run(str(run_info.get("start_images", "none")), plan, folder, video)
+        ready = [p for s in plan.shots if (p := _quiet_prepared(starts, s)) is not None]
+        records = [r for s in ready
                    if (r := folder.finished_record(s, folder.shot_key(s, fingerprint)))]
         write_report(folder.root, plan, records, run_info, None,
                      failure=f"{type(err).__name__}: {err}", **report)
@@ -146,27 +153,55 @@ def report_unfinished(folder: RunFolder, plan: ShotPlan, video: VideoEngine,
                                  report_err)
 
 
+def _quiet_prepared(starts: StartImages, shot: Shot) -> Shot | None:
+    try:
+        return starts.prepared(shot)
+    except Exception:  # a report of what is done never fails on a start image
+        return None
+
+
+def pass_major_layers(video: VideoEngine, starts: StartImages, folder: RunFolder) -> None:
+    """Pass by pass, one layer of the chains at a time: the shots whose start images are
+    ready, then the shots chained after them, and so on."""
+    pending = list(starts.plan.shots)
+    while pending:
+        ready = {s.id: p for s in pending if (p := starts.prepared(s)) is not None}
+        if not ready:
+            return  # what is left waits on shots another worker holds: the loop does them
+        render_shots_pass_major(video, list(ready.values()), folder)
+        pending = [s for s in pending if s.id not in ready]
+
+
 def render_all(video: VideoEngine, plan: ShotPlan, folder: RunFolder,
-               gpu: GpuSession, pass_major: bool = False) -> list[dict[str, Any]]:
-    """Every shot in plan order, with the broker placing the LLM first and restoring after."""
+               gpu: GpuSession, pass_major: bool = False,
+               starts: StartImages | None = None) -> list[dict[str, Any]]:
+    """Every shot in plan order (a chained shot after the one it starts from), keyframes
+    first, with the broker placing the LLM first and restoring after."""
+    starts = starts or StartImages(plan, folder, "none", video.fingerprint)
     slug = run_slug(folder.spec.idea, folder.spec.run_name, folder.spec.key)
     progress = cast(UUID, create_progress_artifact(
         0.0, key=artifact_key("progress", slug), description=f"shots of {folder.root.name}"))
     if gpu.broker is not None:
         place_llm(gpu.broker, plan.shots[0])
     found: dict[str, dict[str, Any]] = {}
-    first = plan.shots[0]
-    if pass_major or (gpu.broker is not None and gpu.broker.pass_major_pays(
-            len(plan.shots), first.frames, first.width, first.height)):
-        render_shots_pass_major(video, plan.shots, folder)  # the loop below finds them done
     try:
-        # First pass skips shots another worker holds; the second waits for them.
+        if starts.keyframe_shots():
+            render_keyframes(video, starts, gpu.broker, label=folder.root.name)
+        first = plan.shots[0]
+        if pass_major or (gpu.broker is not None and gpu.broker.pass_major_pays(
+                len(plan.shots), first.frames, first.width, first.height)):
+            pass_major_layers(video, starts, folder)  # the loop below finds them done
+        # First pass skips shots another worker holds (and the shots chained after them);
+        # the second waits for them.
         for wait in (False, True):
             for shot in plan.shots:
                 if shot.id in found:
                     continue
+                ready = starts.prepared(shot, strict=wait)
+                if ready is None:
+                    continue
                 gpu.sampler.timeline.mark(shot.id)
-                record = render_shot(video, shot, folder, wait_for_others=wait)
+                record = render_shot(video, ready, folder, wait_for_others=wait)
                 if record is None:
                     continue
                 found[shot.id] = record

@@ -12,7 +12,15 @@ from typing import Any
 from .cost_model import GIB, CostModel
 from .gpu import GpuMonitor, GpuUnavailable
 from .llm_control import LLMControl
-from .policy import TILE_CHOICES, BrokerPlan, BudgetTooSmall, plan_shot
+from .policy import (
+    TILE_CHOICES,
+    BrokerPlan,
+    BudgetTooSmall,
+    Decision,
+    keyframe_peak_gib,
+    plan_keyframe,
+    plan_shot,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_NO_GPU_BUDGET_GIB = 24.0
@@ -129,6 +137,27 @@ class Broker:
                                 f"budget {old:.1f} -> {self.budget_gib:.1f} GiB; shot retried",
                                 shot_id))
         return self.budget_gib
+
+    def plan_keyframes(self, keyframe_model: str, frames: int, width: int, height: int, *,
+                       keyframes: int, clips: int, shared_models: bool,
+                       other_gib: float | None = None) -> Decision:
+        """The keyframe stage's plan (order, unload between keyframes and clips), logged
+        like every other stage."""
+        model = CostModel.for_model(keyframe_model) if keyframe_model != "other" else None
+        kf = keyframe_peak_gib(model, width, height, budget_gib=self.budget_gib,
+                               margin_gib=self.margin_gib, other_gib=other_gib)
+        try:  # the clips' peak, planned quietly: their own plans are logged per shot
+            video = plan_shot(self.cost, frames, width, height, budget_gib=self.budget_gib,
+                              margin_gib=self.margin_gib, memory_mode=self.memory_mode,
+                              strategy=self.strategy).peak_gib
+        except BudgetTooSmall:
+            video = self.budget_gib
+        d = plan_keyframe(kf, video, budget_gib=self.budget_gib, margin_gib=self.margin_gib,
+                          keyframes=keyframes, clips=clips, shared_models=shared_models,
+                          memory_mode=self.memory_mode)
+        self.record(BrokerEvent("keyframe", d.action, d.predicted_gib, self.free_gib(),
+                                d.reason, "planned", "keyframes", d.params))
+        return d
 
     # -- LLM placement ---------------------------------------------------------------------
     def pass_major_pays(self, shots: int, frames: int, width: int, height: int) -> bool:

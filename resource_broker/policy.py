@@ -302,3 +302,51 @@ def _llm(llm: int, video_peak: int, budget: int, margin: int, controllable: bool
     return Decision("llm", "unload", gib(llm), gib(spare),
                     f"LLM ({gib(llm)} GiB) does not fit beside the video peak "
                     f"({gib(video_peak)} GiB) in {gib(budget)} GiB: unload it for video work")
+
+
+# -- the keyframe stage ----------------------------------------------------------------------
+
+def keyframe_peak_gib(model: CostModel | None, width: int, height: int, *, budget_gib: float,
+                      margin_gib: float, other_gib: float | None = None) -> float:
+    """A keyframe's VRAM peak: a Wan model at one frame as the shot planner sees it, or the
+    binding's `vram_gib` for another image model (8 GiB when it gives none)."""
+    if model is None:
+        return other_gib if other_gib is not None else 8.0
+    try:
+        return plan_shot(model, 1, width, height, budget_gib=budget_gib,
+                         margin_gib=margin_gib).peak_gib
+    except BudgetTooSmall:  # not even one frame fits: say so through the numbers
+        return gib(model.spec.expert_bytes + model.shot(1, width, height).activations)
+
+
+def plan_keyframe(keyframe_gib: float, video_gib: float, *, budget_gib: float,
+                  margin_gib: float, keyframes: int, clips: int, shared_models: bool,
+                  memory_mode: str = "estimate") -> Decision:
+    """Order and residency of the keyframe stage. Every keyframe first, then every clip:
+    the keyframe model loads once and the video models once, instead of both once per shot
+    when each shot's keyframe comes right before its clip (no clip needs another's
+    keyframe, so nothing is lost by the order). Between the stages the keyframe model is
+    unloaded when it and the video peak do not fit the budget together."""
+    loads = {"keyframes_first": 2 if not shared_models else 1,
+             "interleaved": 2 * min(keyframes, clips) if not shared_models else 1}
+    params: dict[str, Any] = {"order": "keyframes-first", "keyframes": keyframes,
+                              "model_loads": loads, "unload_after": False}
+    both = keyframe_gib + video_gib + margin_gib
+    if shared_models:
+        return Decision("keyframe", "keyframes-first-keep-loaded", keyframe_gib, budget_gib,
+                        "the keyframe workflow uses the video workflow's model files: "
+                        "they stay loaded for the clips", params)
+    if memory_mode != "estimate":
+        return Decision("keyframe", "keyframes-first", keyframe_gib, budget_gib,
+                        "ComfyUI manages its models (dynamic VRAM or CPU): it swaps the "
+                        f"keyframe model out itself; {loads['keyframes_first']} model loads "
+                        f"instead of {loads['interleaved']}", params)
+    if both <= budget_gib:
+        return Decision("keyframe", "keyframes-first-keep-loaded", keyframe_gib, budget_gib,
+                        f"keyframe model ({keyframe_gib:.2f} GiB) + video peak "
+                        f"({video_gib:.2f} GiB) + margin fit {budget_gib:.2f} GiB", params)
+    return Decision("keyframe", "keyframes-first-unload-after", keyframe_gib, budget_gib,
+                    f"keyframe model ({keyframe_gib:.2f} GiB) + video peak ({video_gib:.2f} "
+                    f"GiB) + margin = {both:.2f} GiB > {budget_gib:.2f} GiB: unload it after "
+                    f"the keyframes; {loads['keyframes_first']} model loads instead of "
+                    f"{loads['interleaved']}", {**params, "unload_after": True})

@@ -29,6 +29,9 @@ class BatchEntry(BaseModel):
     style: str | None = Field(default=None, min_length=1, max_length=200)
     engine: EngineName | None = None
     run_name: str | None = Field(default=None, min_length=1, max_length=200)
+    # Start images the user gives: per shot id ("s01_sh01") and per character name.
+    start_images: dict[str, str] | None = Field(default=None, max_length=200)
+    character_images: dict[str, str] | None = Field(default=None, max_length=20)
 
     @field_validator("idea", "style", "run_name", mode="before")
     @classmethod

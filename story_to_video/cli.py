@@ -421,11 +421,12 @@ def workflows_check(
             except ValueError as err:
                 raise ConfigError(f"--comfyui-url {comfyui_url!r}: {err}") from None
         bound = BoundWorkflow.load(binding, file)
-        problems: list[str] = []
+        problems: list[str] = bound.keyframe_problems() if bound.binding.output == "image" \
+            else []
         if comfyui_url:
             client = ComfyUIClient(comfyui_url)
             try:
-                problems = bound.online_problems(client.object_info())
+                problems += bound.online_problems(client.object_info())
             finally:
                 client.close()
     for p in problems:

@@ -23,6 +23,7 @@ from pydantic_settings import (
 LLMBackendName = Literal["llamacpp-embedded", "lmstudio", "ollama", "openai-compatible"]
 StructuredMode = Literal["auto", "json_schema", "json_object_schema", "prompt"]
 EngineName = Literal["preview", "comfyui"]
+StartImages = Literal["none", "chain", "keyframe", "keyframe+chain"]
 
 DEFAULT_BASE_URLS: dict[str, str] = {
     "lmstudio": "http://localhost:1234/v1",
@@ -136,6 +137,11 @@ class VideoSettings(BaseModel):
     output_fps: int | None = Field(default=None, ge=4, le=120,
                                    description="interpolate final.mp4 up to this fps")
     seed: int | None = Field(default=None, ge=0, description="base seed; None = derived from idea")
+    start_images: StartImages = Field(
+        default="none", description="where each shot's start image comes from: none "
+        "(text to video), chain (a scene's later shots start from the last frame of the shot "
+        "before), keyframe (a keyframe image generated per shot), keyframe+chain (a keyframe "
+        "for each scene's first shot, then chained); images the user gives always count")
 
 
 class ComfyUISettings(BaseModel):
@@ -153,6 +159,11 @@ class ComfyUISettings(BaseModel):
                              "all decodes: each expert loads once per run")
     force_fresh: bool = Field(default=False, description="reset ComfyUI's cache before each "
                               "shot, so nothing is answered from it")
+    keyframe_workflow: str | None = Field(
+        default=None, description="text-to-image workflow for keyframes (a built-in name); "
+        "None: the Wan 2.2 keyframe workflow matching `workflow`")
+    keyframe_binding: str | None = Field(default=None, description="your own keyframe "
+                                         "workflow's binding file (output = \"image\")")
     decode: Literal["auto", "full", "tiled"] = Field(
         default="auto", description="auto: the broker decides per shot; full or tiled: always")
 

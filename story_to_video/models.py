@@ -11,6 +11,7 @@ import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 CameraMove = Literal[
     "static", "pan-left", "pan-right", "tilt-up", "tilt-down", "zoom-in", "zoom-out",
@@ -32,6 +33,8 @@ class Character(BaseModel):
     name: str = Field(min_length=1, max_length=60)
     look: str = Field(min_length=3, max_length=300, description="face, hair, build, age")
     wardrobe: str = Field(min_length=3, max_length=300)
+    # A picture of the character the user gives: shots it leads start from it.
+    image: SkipJsonSchema[str | None] = Field(default=None, max_length=4096)
 
     _clean = field_validator("name", "look", "wardrobe")(_strip)
 

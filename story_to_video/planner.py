@@ -201,10 +201,13 @@ class Planner:
 
     # -- bible and scenes ------------------------------------------------------------------
     def make_bible(self, story: str, style: str) -> Bible:
-        return self.structured(
+        bible = self.structured(
             "bible", prompts.render("bible", story=story, style=style),
             Bible, Bible.model_json_schema(), max_tokens=700,
         )
+        # Character images are the user's to give (plan JSON, batch entry), never the LLM's.
+        return bible.model_copy(update={"characters": [
+            c.model_copy(update={"image": None}) for c in bible.characters]})
 
     def make_scenes(
         self, story: str, bible: Bible, scenes: int, min_shots: int, max_shots: int
@@ -302,9 +305,16 @@ def base_seed(idea: str, seed: int | None) -> int:
     return int(hashlib.sha256(idea.encode()).hexdigest()[:8], 16)
 
 
+def character_names(bible: Bible, named: list[str]) -> list[str]:
+    """The bible's names of the characters a shot names, each once: small models list one
+    character several times, and its description must not repeat in the prompt."""
+    found = [c.name for n in named if (c := bible.character(n)) is not None]
+    return list(dict.fromkeys(found))
+
+
 def compose_prompt(action: str, scene: DraftScene, bible: Bible, names: list[str],
                    camera: str) -> str:
-    chars = [c for n in names if (c := bible.character(n)) is not None]
+    chars = [c for n in character_names(bible, names) if (c := bible.character(n)) is not None]
     text = prompts.render(
         "shot_prompt", shot={"action": action}, characters=chars, scene=scene,
         bible=bible, camera_phrase=CAMERA_PHRASES[camera],
@@ -330,7 +340,7 @@ def build_plan(
     for i, dsc in enumerate(draft.scenes):
         shots = []
         for j, dsh in enumerate(dsc.shots):
-            names = [c.name for n in dsh.characters if (c := bible.character(n)) is not None]
+            names = character_names(bible, dsh.characters)
             shots.append(Shot(
                 id=f"s{i + 1:02d}_sh{j + 1:02d}", scene_index=i, shot_index=j,
                 action=dsh.action,

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic import atomic_path, write_text_atomic
 from .engines.video_io import read_frame
 from .models import ShotPlan
+from .run import InputError, inside
 from .textsafe import code, md, md_block
 from .ui import artifact_key, media_link
 
@@ -28,20 +29,36 @@ log = logging.getLogger(__name__)
 INLINE_MAX_WIDTH = 1200  # px: wider images are scaled down for the UI copy
 
 
-def contact_sheet(clips: list[tuple[str, Path, int]], out: Path, thumb_w: int = 240) -> Path:
-    """One middle frame per shot, in plan order, labelled with the shot id."""
+def _label(img: Image.Image, text: str, colour: tuple[int, int, int]) -> None:
+    draw = ImageDraw.Draw(img)  # label bottom-right, clear of the clip's own text
+    font = ImageFont.load_default(size=14)
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    x, y = img.width - (x1 - x0) - 6, img.height - (y1 - y0) - 12
+    draw.rectangle((x - 3, y - 2, img.width, img.height), fill=(0, 0, 0))
+    draw.text((x, y - y0), text, fill=colour, font=font)
+
+
+def contact_sheet(clips: list[tuple[str, Path, int]], out: Path, thumb_w: int = 240,
+                  starts: dict[str, Path] | None = None) -> Path:
+    """One middle frame per shot, in plan order, labelled with the shot id; with start
+    images, each shot's start image beside its frame, so continuity shows at a glance."""
+    starts = {k: v for k, v in (starts or {}).items() if v.is_file()}
     thumbs = []
     for shot_id, path, frames in clips:
         img = Image.fromarray(read_frame(path, frames // 2))
         img.thumbnail((thumb_w, thumb_w))
-        draw = ImageDraw.Draw(img)  # label bottom-right, clear of the clip's own text
-        font = ImageFont.load_default(size=14)
-        x0, y0, x1, y1 = draw.textbbox((0, 0), shot_id, font=font)
-        x, y = img.width - (x1 - x0) - 6, img.height - (y1 - y0) - 12
-        draw.rectangle((x - 3, y - 2, img.width, img.height), fill=(0, 0, 0))
-        draw.text((x, y - y0), shot_id, fill=(255, 255, 0), font=font)
+        _label(img, shot_id, (255, 255, 0))
+        if starts:
+            cell = Image.new("RGB", (img.width * 2 + 4, img.height), (20, 20, 20))
+            if shot_id in starts:
+                with Image.open(starts[shot_id]) as src:
+                    first = src.convert("RGB").resize(img.size)
+                _label(first, f"{shot_id} start", (120, 220, 255))
+                cell.paste(first, (0, 0))
+            cell.paste(img, (img.width + 4, 0))
+            img = cell
         thumbs.append(img)
-    cols = min(4, len(thumbs))
+    cols = min(2 if starts else 4, len(thumbs))
     rows = -(-len(thumbs) // cols)
     tw, th = thumbs[0].size
     sheet = Image.new("RGB", (cols * tw, rows * th), (20, 20, 20))
@@ -230,13 +247,25 @@ def _vram_section(records: list[dict[str, Any]], plot: Path | None, links: Links
     return lines
 
 
+def _start_image(root: Path, record: dict[str, Any]) -> Path | None:
+    """A record's start image, only where it lies inside the run folder."""
+    name = record.get("start_image")
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        return inside(root, name)
+    except InputError:
+        return None
+
+
 def write_report(root: Path, plan: ShotPlan, records: list[dict[str, Any]],
                  run_info: dict[str, Any], plot: Path | None, *, media_url: str,
                  slug: str, failure: str | None = None) -> Path:
     """report.md in `root` and, inside a Prefect run, the report and VRAM table artifacts
     (keys `report-<slug>`, `vram-<slug>`)."""
     clips = [(r["shot_id"], root / "clips" / r["clip"], int(r["frames"])) for r in records]
-    sheet = contact_sheet(clips, root / "contact-sheet.png") if clips else None
+    starts = {r["shot_id"]: p for r in records if (p := _start_image(root, r))}
+    sheet = contact_sheet(clips, root / "contact-sheet.png", starts=starts) if clips else None
     common: dict[str, Any] = {"root": root, "sheet": sheet, "plot": plot,
                               "run_info": run_info, "failure": failure}
     out = root / "report.md"

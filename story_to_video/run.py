@@ -258,6 +258,11 @@ class RunFolder:
 
     @staticmethod
     def shot_key(shot: Shot, engine_fingerprint: str) -> str:
+        # A start image counts by its file name, which holds its identity (keyframe key,
+        # chained clip's key, content hash: story_to_video.start_images), not by where the
+        # run folder happens to be.
+        if shot.start_image:
+            shot = shot.model_copy(update={"start_image": Path(shot.start_image).name})
         raw = shot.model_dump_json() + "|" + engine_fingerprint
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
 

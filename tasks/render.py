@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -107,10 +108,18 @@ def save_record(folder: RunFolder, shot: Shot, key: str, result: ClipResult,
         "fps": result.fps, "width": result.width, "height": result.height,
         "seconds": round(result.seconds, 3), "engine": result.engine,
         "preview": result.preview, "cached": result.cached, "started_at": started,
-        "details": result.details,
+        "start_image": _relative(folder, shot.start_image), "details": result.details,
     }
     write_json_atomic(folder.record_path(shot, key), record)
     return record
+
+
+def _relative(folder: RunFolder, path: str | None) -> str | None:
+    """A start image as the report links it: relative to the run folder."""
+    if not path:
+        return None
+    p = Path(path)
+    return str(p.relative_to(folder.root)) if p.is_relative_to(folder.root) else p.name
 
 
 def _render(engine: VideoEngine, shot: Shot, folder: RunFolder, key: str) -> dict[str, Any]:

@@ -169,7 +169,10 @@ def test_i2v_renders_from_a_start_image(real_comfyui: Any, tmp_path: Path) -> No
     sent = history_prompt(real_comfyui.url, rec["details"]["prompt_id"])
     name = sent["97"]["inputs"]["image"]
     assert name.startswith("story-to-video/stv_start_") and name.endswith(".png")
-    assert (real_comfyui.workdir / "input" / name).read_bytes() == image.read_bytes()
+    # the 160x120 image, scaled and cropped to the shot's 128x128, is what ComfyUI got
+    fitted = folder.root / rec["start_image"]
+    assert Image.open(fitted).size == (128, 128)
+    assert (real_comfyui.workdir / "input" / name).read_bytes() == fitted.read_bytes()
 
 
 def test_preflight_refuses_missing_model_class_and_input(real_comfyui: Any,

@@ -13,6 +13,7 @@ import logging
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -24,6 +25,7 @@ from .video_io import write_frames
 
 log = logging.getLogger(__name__)
 PREVIEW_VERSION = "preview-1"
+OPENING = 0.25  # share of a clip that dissolves from its start image into the animatic
 _MARGIN = 1.35  # background is this much larger than the frame, room for the camera to move
 
 
@@ -100,14 +102,31 @@ def _overlay(shot: Shot, scene_title: str) -> Image.Image:
     return layer
 
 
+def _start_image(shot: Shot) -> Image.Image | None:
+    if not shot.start_image:
+        return None
+    with Image.open(shot.start_image) as img:
+        out: Image.Image = img.convert("RGB").resize((shot.width, shot.height))
+        return out
+
+
 def render_preview_frames(shot: Shot, scene_title: str) -> list[np.ndarray]:
+    """The animatic; with a start image the clip opens on it exactly (frame 0 is the
+    image) and dissolves into the animatic, so continuity can be checked by eye."""
     bg = _background(shot)
     overlay = _overlay(shot, scene_title)
+    start = _start_image(shot)
+    opening = max(1, round(shot.frames * OPENING))
     frames = []
     for i in range(shot.frames):
         t = i / max(1, shot.frames - 1)
         box = _camera_box(shot, t)
         frame = bg.resize((shot.width, shot.height), Image.Resampling.BILINEAR, box=box)
+        if start is not None and i == 0:
+            frames.append(np.asarray(start))
+            continue
+        if start is not None and i < opening:
+            frame = Image.blend(start, frame.convert("RGB"), i / opening)
         frame = Image.alpha_composite(frame.convert("RGBA"), overlay)
         bar = ImageDraw.Draw(frame)  # time bar: shows pacing within the shot
         bar.rectangle((0, shot.height - 6, int(shot.width * (i + 1) / shot.frames),
@@ -130,8 +149,33 @@ class PreviewEngine:
     def check(self) -> EngineStatus:
         return EngineStatus(True, "preview engine (animatic clips, no GPU, no model weights)")
 
+    takes_start_image = True
+
     def check_shots(self, shots: list[Shot]) -> None:
         return None  # any shot can be drawn
+
+    def keyframe_fingerprint(self) -> str:
+        return self.fingerprint()
+
+    def render_keyframe(self, shot: Shot, prompt: str, out_path: Path) -> dict[str, Any]:
+        """A stand-in keyframe: the shot's animatic background with its id and prompt,
+        labelled PREVIEW KEYFRAME."""
+        start = time.monotonic()
+        img = _background(shot).resize((shot.width, shot.height))
+        draw = ImageDraw.Draw(img)
+        size = max(10, shot.height // 24)
+        draw.rectangle((0, 0, shot.width, size * 2 + 12), fill=(0, 0, 0))
+        draw.text((8, 4), f"PREVIEW KEYFRAME {shot.id}", font=_font(size),
+                  fill=(120, 220, 255))
+        chars = max(20, int(shot.width / (size * 0.6)))
+        draw.text((8, size + 8), textwrap.shorten(prompt, chars), font=_font(size),
+                  fill=(255, 255, 255))
+        with atomic_path(out_path) as tmp:
+            img.save(tmp, format="PNG")
+        return {"seconds": round(time.monotonic() - start, 3), "preview": True}
+
+    def after_keyframes(self, unload: bool) -> None:
+        return None
 
     def render(
         self, shot: Shot, out_path: Path, progress: ProgressCallback | None = None

@@ -26,7 +26,13 @@ from .errors import (
     StallError,
     WorkflowError,
 )
-from .graph import Stage, place_text_encoder, split_stages, use_tiled_decode
+from .graph import (
+    Stage,
+    cut_optional_input,
+    place_text_encoder,
+    split_stages,
+    use_tiled_decode,
+)
 from .process import AttachedComfyUI, ComfyUIProcess, ComfyUIServer
 from .server_info import ServerInfo
 from .workflow import BoundWorkflow
@@ -38,6 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".gif", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Handed-over latents live here in ComfyUI's output folder, and as stv_*.latent in its input.
 LATENT_SUBFOLDER = "stv-latents"
 LEFTOVER_AGE_S = 6 * 3600  # latents older than this on start are from crashed runs
@@ -82,6 +89,38 @@ def headroom_args(settings: Settings) -> list[str]:
     return [flag, f"{gib:g}"]
 
 
+def output_image(outputs: dict[str, Any], node: str) -> dict[str, Any]:
+    """The still an image output node reported (SaveImage: images)."""
+    node_out = outputs.get(node) or {}
+    for item in node_out.get("images") or []:
+        if isinstance(item, dict) and str(item.get("filename", "")).lower().endswith(
+                IMAGE_SUFFIXES):
+            return item
+    raise ComfyUIError(f"output node {node} reported no image file (outputs: {node_out}); "
+                       "a keyframe workflow's nodes.output must save an image (SaveImage)")
+
+
+def keyframe_binding(settings: Settings, video: BoundWorkflow) -> Path:
+    """The keyframe workflow's binding: the user's, the named one, or the Wan 2.2 keyframe
+    workflow that uses the video workflow's own model files."""
+    import workflows
+
+    cfg = settings.comfyui
+    if cfg.keyframe_binding or cfg.keyframe_workflow:
+        return workflows.binding_path(cfg.keyframe_binding or cfg.keyframe_workflow or "")
+    name = "wan22_ti2v_5b_keyframe" if video.binding.model == "wan2.2-5b" \
+        else "wan22_14b_t2v_keyframe"
+    return workflows.binding_path(name)
+
+
+def load_keyframe_workflow(path: Path) -> BoundWorkflow:
+    bound = BoundWorkflow.load(path)
+    problems = bound.keyframe_problems()
+    if problems:
+        raise WorkflowError(f"keyframe workflow {path}: " + "; ".join(problems))
+    return bound
+
+
 @dataclass
 class ShotRun:
     """Everything ComfyUI did for one shot: its prompts, in order, and the files it left."""
@@ -119,8 +158,13 @@ class ComfyUIEngine:
     def __init__(self, client: ComfyUIClient, bound: BoundWorkflow, server: ComfyUIServer, *,
                  stall_timeout_s: float = 600.0, shot_timeout_s: float = 3600.0,
                  max_restarts_per_shot: int = 1, force_fresh: bool = False,
-                 decode: str = "auto") -> None:
+                 decode: str = "auto", keyframe: BoundWorkflow | None = None) -> None:
+        if bound.binding.output == "image":
+            raise WorkflowError(f"{bound.source} is a keyframe (image) workflow; give a video "
+                                "workflow as comfyui.workflow and this one as "
+                                "comfyui.keyframe_workflow or keyframe_binding")
         self.client, self.bound, self.server = client, bound, server
+        self.keyframe = keyframe  # the text-to-image workflow for keyframes, if any
         self.stall_timeout_s, self.shot_timeout_s = stall_timeout_s, shot_timeout_s
         self.max_restarts_per_shot = max_restarts_per_shot
         self.force_fresh = force_fresh
@@ -146,10 +190,14 @@ class ComfyUIEngine:
                                     start_timeout_s=cfg.start_timeout_s)
         else:
             server = AttachedComfyUI(cfg.url)
+        keyframe = None
+        if settings.video.start_images in ("keyframe", "keyframe+chain") \
+                and "start_image" in bound.binding.inputs:  # text to video uses none
+            keyframe = load_keyframe_workflow(keyframe_binding(settings, bound))
         return ComfyUIEngine(ComfyUIClient(cfg.url), bound, server,
                              stall_timeout_s=cfg.stall_timeout_s,
                              shot_timeout_s=cfg.shot_timeout_s, force_fresh=cfg.force_fresh,
-                             decode=cfg.decode)
+                             decode=cfg.decode, keyframe=keyframe)
 
     def fingerprint(self) -> str:
         # Stable across processes (resume keys): no hash(), which Python salts per process.
@@ -181,7 +229,11 @@ class ComfyUIEngine:
         try:
             self._start_server()
             stats = self.client.system_stats()
-            problems = self.bound.online_problems(self.client.object_info())
+            classes = self.client.object_info()
+            problems = self.bound.online_problems(classes)
+            if self.keyframe is not None:  # keyframes are wanted: their workflow too
+                problems += [f"keyframe workflow {Path(self.keyframe.source).name}: {p}"
+                             for p in self.keyframe.online_problems(classes)]
         except ComfyUIError as err:
             return EngineStatus(False, str(err))
         if problems:
@@ -196,10 +248,15 @@ class ComfyUIEngine:
         if not status.ok:
             raise WorkflowError(status.detail)
 
+    @property
+    def takes_start_image(self) -> bool:
+        return "start_image" in self.bound.binding.inputs
+
     def check_shots(self, shots: list[Shot]) -> None:
         """Refuse a plan this workflow cannot render, before any work: an image-to-video
-        workflow needs a start image for every shot."""
-        if "start_image" not in self.bound.binding.inputs:
+        workflow needs a start image for every shot (the files are checked where they
+        are made: story_to_video.start_images)."""
+        if not self.takes_start_image or self.bound.binding.start_image_optional:
             return
         missing = [s.id for s in shots if not s.start_image]
         if missing:
@@ -209,10 +266,6 @@ class ComfyUIEngine:
                 f"{'have' if len(missing) > 1 else 'has'} no start image: set "
                 "video.start_images (or give start_image per shot), or use a text-to-video "
                 "workflow such as wan22_14b_t2v")
-        for s in shots:
-            assert s.start_image is not None
-            if not Path(s.start_image).is_file():
-                raise WorkflowError(f"shot {s.id}: start image {s.start_image} does not exist")
 
     # -- one shot ----------------------------------------------------------------------------
     def render(self, shot: Shot, out_path: Path,
@@ -267,10 +320,13 @@ class ComfyUIEngine:
     def _prompt(self, shot: Shot, plan: BrokerPlan | None) -> dict[str, Any]:
         """The shot's workflow: bound values, start image uploaded, broker choices applied."""
         prompt = self.bound.bind(shot, **self.extra_inputs)
-        if shot.start_image and "start_image" in self.bound.binding.inputs:
+        targets = self.bound.binding.inputs.get("start_image", [])
+        if shot.start_image and targets:
             name = self._upload_input(Path(shot.start_image), "start")
-            for node, inp in self.bound.binding.inputs["start_image"]:
+            for node, inp in targets:
                 prompt[node]["inputs"][inp] = name
+        elif targets and self.bound.binding.start_image_optional:
+            prompt = cut_optional_input(prompt, [node for node, _ in targets])
         if plan is not None:
             self._apply_block_swap(prompt, plan, shot.id)
             prompt = self._apply_text_encoder(prompt, plan, shot.id)
@@ -285,6 +341,39 @@ class ComfyUIEngine:
             tmp = Path(d) / name
             tmp.write_bytes(data)
             return self.client.upload_image(tmp, subfolder="story-to-video")
+
+    # -- keyframes ------------------------------------------------------------------------------
+    def keyframe_fingerprint(self) -> str:
+        if self.keyframe is None:
+            raise WorkflowError("no keyframe workflow: set video.start_images to keyframe or "
+                                "keyframe+chain")
+        return f"comfyui-keyframe-{self.keyframe.fingerprint()}"
+
+    def keyframe_models(self) -> tuple[set[str], set[str]]:
+        """Model files of the keyframe and the video workflow: shared files load once."""
+        def files(bw: BoundWorkflow | None) -> set[str]:
+            return {str(v) for n in (bw.workflow.values() if bw else []) for v in
+                    n["inputs"].values() if isinstance(v, str) and v.endswith(
+                        (".safetensors", ".gguf", ".ckpt", ".pt", ".pth", ".bin"))}
+        return files(self.keyframe), files(self.bound)
+
+    def render_keyframe(self, shot: Shot, prompt: str, out_path: Path) -> dict[str, Any]:
+        """One still at the shot's size from the keyframe workflow (length 1 for Wan)."""
+        assert self.keyframe is not None
+        self._ensure_started()
+        wf = self.keyframe.bind(shot, prompt=prompt, frames=1,
+                                filename_prefix=f"story-to-video/{shot.id}-keyframe")
+        self._mark(f"{shot.id} keyframe")
+        ex = self._run_with_restarts(shot, wf, None)
+        self._download(output_image(ex.outputs, self.keyframe.binding.nodes.output), out_path)
+        return {"prompt_id": ex.prompt_id, "seconds": round(ex.seconds, 2),
+                "cached": ex.fully_cached, "workflow": Path(self.keyframe.source).name}
+
+    def after_keyframes(self, unload: bool) -> None:
+        """Between the keyframe stage and the clips: the broker's unload, if it chose one."""
+        if unload:
+            self.client.free(unload_models=True)
+            self._mark("unload keyframe model")
 
     @staticmethod
     def _check_clip(shot: Shot, out_path: Path) -> None:

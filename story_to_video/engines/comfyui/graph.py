@@ -48,6 +48,17 @@ def ancestors(wf: Workflow, roots: list[str]) -> set[str]:
     return seen
 
 
+def cut_optional_input(wf: Workflow, node_ids: list[str]) -> Workflow:
+    """Remove nodes (a TI2V workflow's LoadImage when a shot has no start image) and the
+    inputs that read them; those inputs must be optional in their class."""
+    out = copy.deepcopy(wf)
+    for nid in node_ids:
+        for reader, inp in consumers(out, nid):
+            del out[reader]["inputs"][inp]
+        out.pop(nid, None)
+    return out
+
+
 def use_tiled_decode(wf: Workflow, decode_id: str, *, tile_size: int = 512,
                      overlap: int = 64, temporal_size: int = 64,
                      temporal_overlap: int = 8) -> Workflow:

@@ -12,9 +12,9 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ...models import Shot
 from .errors import WorkflowError
@@ -26,6 +26,10 @@ BINDABLE = ("prompt", "negative_prompt", "seed", "frames", "width", "height", "f
             "start_image", "steps", "split_step", "lora_strength_high", "lora_strength_low",
             "filename_prefix", "blocks_to_swap")
 MODELS = ("wan2.2-14b", "wan2.2-5b", "wan2.1-14b", "wan2.1-1.3b")
+# A keyframe (text-to-image) workflow may use any model: "other", sized by `vram_gib`.
+IMAGE_MODELS = (*MODELS, "other")
+VIDEO_OUTPUT_CLASSES = ("SaveVideo", "SaveWEBM", "SaveAnimatedWEBP", "SaveAnimatedPNG",
+                        "VHS_VideoCombine", "CreateVideo")
 # What a bound input must hold in the workflow before binding (the value it replaces).
 TEXT_INPUTS = ("prompt", "negative_prompt", "filename_prefix", "start_image")
 
@@ -46,13 +50,21 @@ class Binding(BaseModel):
     model: str = Field(description=f"one of {MODELS}: sizes the broker's cost model")
     inputs: dict[str, list[Target]]
     nodes: BindingNodes
+    # "image": a keyframe (text-to-image) workflow whose output node saves a still.
+    output: Literal["video", "image"] = "video"
+    # The start image's LoadImage node is cut out of the graph for a shot without one
+    # (TI2V: text or image to video); otherwise every shot needs a start image.
+    start_image_optional: bool = False
+    vram_gib: float | None = Field(default=None, gt=0, le=1024,
+                                   description="peak VRAM of a keyframe workflow's model "
+                                   "when model = \"other\"")
 
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"model must be one of {', '.join(MODELS)}")
-        return v
+    @model_validator(mode="after")
+    def _model(self) -> Binding:
+        allowed = IMAGE_MODELS if self.output == "image" else MODELS
+        if self.model not in allowed:
+            raise ValueError(f"model must be one of {', '.join(allowed)}")
+        return self
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -162,10 +174,24 @@ class BoundWorkflow:
             if nid is not None and nid not in wf:
                 out.append(f"binding nodes.{role}: node {nid} is not in the workflow")
         out += _link_problems(wf)
-        for field in ("prompt", "seed", "frames", "width", "height"):
+        needed = ("prompt", "seed", "width", "height") if self.binding.output == "image" \
+            else ("prompt", "seed", "frames", "width", "height")
+        for field in needed:
             if field not in self.binding.inputs:
                 out.append(f"binding has no {field!r} input: the shot's {field} cannot be set")
         return out
+
+    def keyframe_problems(self) -> list[str]:
+        """What keeps this workflow from making keyframes: it must save a still image."""
+        out_node = self.workflow.get(self.binding.nodes.output, {})
+        cls = out_node.get("class_type", "")
+        if self.binding.output != "image":
+            return ['a keyframe workflow\'s binding must say output = "image" and name its '
+                    "image output node (e.g. SaveImage) as nodes.output"]
+        if cls in VIDEO_OUTPUT_CLASSES:
+            return [f"nodes.output {self.binding.nodes.output} is {cls}, which saves a video; "
+                    "a keyframe workflow needs an image output node (e.g. SaveImage)"]
+        return []
 
     def online_problems(self, object_info: dict[str, Any]) -> list[str]:
         """Checks against a live ComfyUI: classes exist, inputs exist, model files exist."""
