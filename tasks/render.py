@@ -27,6 +27,7 @@ from story_to_video.engines.comfyui.errors import (
 from story_to_video.locks import claim, release
 from story_to_video.models import Shot
 from story_to_video.run import InputError, RunFolder
+from story_to_video.worker import made_by
 
 TRANSIENT = (ComfyUIUnavailable, ComfyUIDied, StallError, Interrupted, ConnectionError)
 DISK_MARGIN_BYTES = 200 * 2**20
@@ -107,7 +108,7 @@ def save_record(folder: RunFolder, shot: Shot, key: str, result: ClipResult,
         "fps": result.fps, "width": result.width, "height": result.height,
         "seconds": round(result.seconds, 3), "engine": result.engine,
         "preview": result.preview, "cached": result.cached, "started_at": started,
-        "details": result.details,
+        "details": result.details, "made_by": made_by(),
     }
     write_json_atomic(folder.record_path(shot, key), record)
     return record
