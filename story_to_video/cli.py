@@ -384,12 +384,13 @@ def worker(
 
     from flows.gpu import gpu_limit_name
 
-    from .worker import check_gpu, default_name, hold_gpu_marker, worker_env
+    from .worker import check_gpu, default_name, ensure_queue, hold_gpu_marker, worker_env
 
+    name = name or default_name(gpu)
     with _errors():
         settings = load_settings(config)
         checked = check_gpu(gpu, settings.broker.gpu_count)
-    name = name or default_name(gpu)
+        ensure_queue(pool, name)
     _marker, other = hold_gpu_marker(gpu, name)
     typer.echo(f"worker {name}: {checked}", err=True)
     if other:

@@ -10,6 +10,7 @@ own, named after the worker, to which the overnight run sends its shards.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -97,3 +98,23 @@ def worker_env(gpu: int, name: str, comfyui_url: str | None,
     if comfyui_url:
         env["STV_COMFYUI__URL"] = comfyui_url
     return env
+
+
+def ensure_queue(pool: str, queue: str) -> None:
+    """Create the worker's own queue in the pool (a worker does not create the queues it
+    polls); a pool that does not exist is bad input."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    from .run import InputError
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise InputError(f"work pool {pool!r} does not exist: prefect work-pool create "
+                             f"{pool} --type process") from None
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_work_queue(name=queue, work_pool_name=pool,
+                                     description="one GPU worker's own queue: overnight "
+                                     "shards for it (story-to-video worker)")
