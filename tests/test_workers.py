@@ -74,18 +74,16 @@ class Pool:
     env: dict[str, str]
     project: Path
     tmp: Path
-    llm_url: str
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
     def start_worker(self, name: str, gpu: int) -> None:
-        # one LLM server shared by both workers (the session's embedded llama.cpp server), as
-        # two hosts would share one: on 2 cores, two servers would only halve each other
+        # each worker plans with its own embedded LLM (llama-cpp-python's server drops a
+        # second concurrent request, so one server cannot serve two workers)
         env = {**self.env, "STV_BROKER__GPU_COUNT": "2", "STV_VIDEO__WIDTH": "256",
                "STV_VIDEO__HEIGHT": "144", "STV_LLM__MAX_REPAIR_TRIES": "5",
-               "STV_LLM__BACKEND": "openai-compatible", "STV_LLM__BASE_URL": self.llm_url,
                "PYTHONUNBUFFERED": "1"}
         out = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
         self.workers[name] = subprocess.Popen(
@@ -121,7 +119,7 @@ class Pool:
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory, embedded_llm_url: str) -> Iterator[Pool]:
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     import shutil
 
     tmp = tmp_path_factory.mktemp("workers")
@@ -135,7 +133,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory, embedded_llm_url: str) -> Ite
             res = subprocess.run([PREFECT, *args], env=env, cwd=project, capture_output=True,
                                  text=True, timeout=180, check=False)
             assert res.returncode == 0, res.stdout[-3000:] + res.stderr
-        p = Pool(env, project, tmp, embedded_llm_url)
+        p = Pool(env, project, tmp)
         try:
             yield p
         finally:
