@@ -22,18 +22,28 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import tempfile
 import threading
 import time
 import types
+import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.night_sim import SimNight, World, batch_of, sim_settings  # noqa: E402
+from benchmarks.night_sim import (  # noqa: E402
+    SimLLM,
+    SimLLMSession,
+    SimNight,
+    World,
+    batch_of,
+    sim_settings,
+)
 from flows.night import NightOptions, run_night  # noqa: E402
 from resource_broker.schedule import PACK_S  # noqa: E402
 
@@ -66,6 +76,37 @@ class Baton:
 
 
 _local = threading.local()
+
+
+class SameShotsLLM(SimLLM):
+    """The simulated LLM, but an idea gets the same number of shots whichever worker plans
+    it (its story names the idea; the scenes are drawn from the idea), so that every worker
+    count renders the same shots."""
+
+    def complete(self, messages: Any, **kw: Any) -> Any:
+        done = super().complete(messages, **kw)
+        found = _IDEA.search(" ".join(m["content"] for m in messages))
+        return replace(done, text=f"{done.text} ({found.group()})") if found else done
+
+    def complete_json(self, messages: Any, schema: dict[str, Any], **kw: Any) -> Any:
+        found = _IDEA.search(" ".join(m["content"] for m in messages))
+        if "scenes" not in schema.get("properties", {}) or found is None:
+            return super().complete_json(messages, schema, **kw)
+        rng, self.w.rng = self.w.rng, random.Random(zlib.crc32(found.group().encode()))
+        try:
+            return super().complete_json(messages, schema, **kw)
+        finally:
+            self.w.rng = rng
+
+
+_IDEA = re.compile(r"idea \d+:")
+
+
+class ShardNight(SimNight):
+    def open_llm(self, settings: Any, log_dir: Path) -> SimLLMSession:
+        session = super().open_llm(settings, log_dir)
+        session.backend = SameShotsLLM(self.w)
+        return session
 
 
 class SyncWorld(World):
@@ -115,10 +156,11 @@ def run_workers(n_ideas: int, n_workers: int, out: Path, seed: int = 7) -> dict[
         _local.world = world
         baton.wait_turn(name, 0.0)
         try:
-            env = SimNight(world)
+            env = ShardNight(world)
             t_real = time.perf_counter()
             result, _eta = run_night(parsed, 3, 12.0, sim_settings(out, world.truth),
-                                     NightOptions(name="sim", out_dir=out, pack_s=pack_s),
+                                     NightOptions(name="sim", out_dir=out, pack_s=pack_s,
+                                                  workers=n_workers),
                                      env)
             render_wall[name] = time.perf_counter() - t_real
             results[name] = result
@@ -149,6 +191,9 @@ def run_workers(n_ideas: int, n_workers: int, out: Path, seed: int = 7) -> dict[
             "total_s": round(max(w.t for w in worlds.values()), 1),
             "worker_s": {n: round(w.t, 1) for n, w in worlds.items()},
             "sampling_steps": samples,
+            "waiting_s": {n: round(sum(s.end - s.start for s in w.spans
+                                       if s.what == "wait for another worker"), 1)
+                          for n, w in worlds.items()},
             "llm_loads": sum(w.loads.get("llm", 0) for w in worlds.values()),
             "wall_s": round(max(render_wall.values()), 1)}
 

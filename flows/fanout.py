@@ -95,7 +95,7 @@ def _shard_name() -> str:
 
 
 @flow(name="night-shard", flow_run_name=_shard_name)
-def night_shard(night: str, output_dir: str, pack_s: float = PACK_S) -> str:
+def night_shard(night: str, output_dir: str, pack_s: float = PACK_S, workers: int = 1) -> str:
     """One worker's part of an overnight batch: the whole night over the shared folder,
     taking whatever no other worker holds. Returns the path of its result."""
     from prefect.runtime import flow_run
@@ -115,7 +115,7 @@ def night_shard(night: str, output_dir: str, pack_s: float = PACK_S) -> str:
         result, _eta = run_night(_parsed(data), data["scenes"], data["target_seconds"],
                                  {**data["common"], "output_dir": str(out)},
                                  NightOptions(name=night, out_dir=out, until=data["until"],
-                                              pack_s=pack_s))
+                                              pack_s=pack_s, workers=workers))
         result["made_by"] = me
         path = out / NIGHT_DIR / night / f"shard-{run_id}.json"
         write_json_atomic(path, result)
@@ -159,7 +159,8 @@ def start_shards(queues: list[str], night: str, out_dir: Path) -> dict[UUID, str
     runs: dict[UUID, str] = {}
     for q in queues:
         fr = cast(FlowRun, run_deployment(SHARD_DEPLOYMENT, parameters={
-            "night": night, "output_dir": str(out_dir.resolve()), "pack_s": pack_s},
+            "night": night, "output_dir": str(out_dir.resolve()), "pack_s": pack_s,
+            "workers": len(queues)},
             timeout=0, work_queue_name=q, flow_run_name=f"night shard for {q}"))
         runs[fr.id] = q
     return runs

@@ -24,7 +24,7 @@ from story_to_video.engines.comfyui.errors import (
     Interrupted,
     StallError,
 )
-from story_to_video.locks import claim, release
+from story_to_video.locks import claim, is_stale, release
 from story_to_video.models import Shot
 from story_to_video.run import InputError, RunFolder
 from story_to_video.worker import made_by
@@ -137,6 +137,14 @@ def render_shots_pass_major(engine: VideoEngine, shots: list[Shot], folder: RunF
                             ) -> int:
     """Render every pending shot of one run pass by pass; returns how many."""
     return render_group_pass_major.fn(engine, [(s, folder) for s in shots])
+
+
+def taken(engine: VideoEngine, shot: Shot, folder: RunFolder) -> bool:
+    """The shot is rendered, or a live worker holds it."""
+    key = folder.shot_key(shot, engine.fingerprint())
+    lock = folder.clip_path(shot, key).with_suffix(".claim")
+    return folder.finished_record(shot, key) is not None or \
+        (lock.exists() and not is_stale(lock))
 
 
 @task(name="render-group-pass-major", cache_policy=NO_CACHE)
