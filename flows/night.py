@@ -625,7 +625,7 @@ class Night:
                 break
             t0 = self.env.clock()
             fresh = []
-            for share in self._shares(todo, groups[groups.index(g):], deferred):
+            for share in self._shares(todo, g.pass_major, groups[groups.index(g):], deferred):
                 fresh += self._render_group(share, g.pass_major and len(share) > 1, gpu,
                                             deferred)
             took = self.env.clock() - t0
@@ -649,14 +649,15 @@ class Night:
                 self._render_item(it, gpu, wait=True)
                 self._collect(idea, gpu)
 
-    def _shares(self, todo: list[WorkItem], rest: list[Group], deferred: list[WorkItem]
-                ) -> Iterator[list[WorkItem]]:
-        """The parts of a group this worker takes, one after the other. Alone: the group.
+    def _shares(self, todo: list[WorkItem], pass_major: bool, rest: list[Group],
+                deferred: list[WorkItem]) -> Iterator[list[WorkItem]]:
+        """The parts of a group this worker takes, one after the other. Alone, or a group
+        rendered clip by clip (claimed shot by shot anyway): the group.
         With N workers sharing the night (guided self-scheduling): at most ceil(R/N) of the
         R shots from here on that nobody has taken, so the night's last groups are split
         between the workers instead of one rendering a whole group while the others wait;
         then the rest (rendered or held by others: resumed, or left to them)."""
-        if self.opts.workers <= 1:
+        if self.opts.workers <= 1 or not pass_major:
             yield todo
             return
 
