@@ -206,6 +206,8 @@ def worker_pid_of_shard(out: Path, name: str) -> int | None:
 def records_by(out: Path, worker: str) -> dict[Path, int]:
     found = {}
     for p in out.glob("*/clips/*.json"):
+        if p.name.startswith("."):  # a record being written (atomic_path), not one finished
+            continue
         try:
             if json.loads(p.read_text())["made_by"]["worker"] == worker:
                 found[p] = p.stat().st_mtime_ns
@@ -277,7 +279,8 @@ def test_a_worker_killed_mid_batch_loses_nothing(pool: Pool, tmp_path: Path) -> 
     assert takers == {"w0", "w1"}
     # Prefect shows the lost run as crashed, with why
     r = httpx.post(f"{pool.env['PREFECT_API_URL']}/flow_runs/filter",
-                   json={"flow_runs": {"name": {"any_": [f"night shard for {victim}"]}}},
+                   json={"flow_runs": {"name": {"any_": [f"night shard for {victim}",
+                                                         f"night shard on {victim}"]}}},
                    timeout=10)
     crashed = [fr for fr in r.json() if fr["state"]["type"] == "CRASHED"]
     assert crashed and "was lost" in crashed[-1]["state"]["message"]
