@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -61,7 +61,7 @@ from story_to_video.ui import run_slug
 from tasks.assemble import assemble_video
 from tasks.keyframe import render_keyframes
 from tasks.plan import plan_shots
-from tasks.render import DiskFull, render_group_pass_major, render_shot
+from tasks.render import DiskFull, render_group_pass_major, render_shot, taken
 from tasks.story import write_story
 
 log = logging.getLogger("story_to_video.night")
@@ -478,6 +478,7 @@ class NightOptions:
     until: float | None = None  # epoch seconds
     dry_run: bool = False
     pack_s: float = PACK_S
+    workers: int = 1  # workers sharing the night (flows/fanout.py)
 
 
 @dataclass
@@ -706,7 +707,10 @@ class Night:
                 stopped = True
                 break
             t0 = self.env.clock()
-            fresh = self._render_group(todo, g.pass_major and len(todo) > 1, gpu, deferred)
+            fresh = []
+            for share in self._shares(todo, g.pass_major, groups[groups.index(g):], deferred):
+                fresh += self._render_group(share, g.pass_major and len(share) > 1, gpu,
+                                            deferred)
             took = self.env.clock() - t0
             self._add("render", took)
             if fresh:
@@ -727,6 +731,34 @@ class Night:
             if idea.status == "planned":
                 self._render_item(it, gpu, wait=True)
                 self._collect(idea, gpu)
+
+    def _shares(self, todo: list[WorkItem], pass_major: bool, rest: list[Group],
+                deferred: list[WorkItem]) -> Iterator[list[WorkItem]]:
+        """The parts of a group this worker takes, one after the other. Alone, or a group
+        rendered clip by clip (claimed shot by shot anyway): the group.
+        With N workers sharing the night (guided self-scheduling): at most ceil(R/N) of the
+        R shots from here on that nobody has taken, so the night's last groups are split
+        between the workers instead of one rendering a whole group while the others wait;
+        then the rest (rendered or held by others: resumed, or left to them)."""
+        if self.opts.workers <= 1 or not pass_major:
+            yield todo
+            return
+
+        def free(items: Sequence[WorkItem]) -> list[WorkItem]:
+            return [it for it in items
+                    if self._idea(it).status == "planned" and not self._taken(it)]
+
+        while mine := free(todo):
+            left = sum(len(free(g.items)) for g in rest)
+            yield mine[:max(1, -(-left // self.opts.workers))]
+        rest_of_group = [it for it in todo if it not in deferred and self._idea(it).status ==
+                         "planned" and it.shot_id not in self._idea(it).records]
+        if rest_of_group:
+            yield rest_of_group
+
+    def _taken(self, it: WorkItem) -> bool:
+        idea = self._idea(it)
+        return taken(self.env.engine(idea), _shot(idea, it.shot_id), idea.folder)
 
     def _idea(self, it: WorkItem) -> Idea:
         return self.ideas[it.idea]

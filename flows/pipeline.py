@@ -228,17 +228,20 @@ def story_to_video(
     run_name: str | None = None,
     batch: str | None = None,
     until: str | None = None,
+    fan_out: bool = False,
 ) -> str:
     """Turn a one-line idea (or each idea of a `batch` file) into final.mp4.
 
     Returns the path of final.mp4, or of the batch summary in batch mode.
     `llm` overrides LLM settings, e.g. {"backend": "lmstudio", "model": "qwen2.5-7b"}.
     `until` (batch mode, local HH:MM): schedule what fits before then, leave the rest.
+    `fan_out` (batch mode, in a deployment): one shard of the night on every GPU worker of
+    the pool (flows/fanout.py).
     """
     common: dict[str, Any] = {"style": style, "engine": engine, "output_dir": output_dir,
                               "config_file": config_file, "llm": llm}
     if batch:
-        return run_batch(batch, scenes, target_seconds, common, until)
+        return run_batch(batch, scenes, target_seconds, common, until, fan_out)
     state = make_video(idea=idea, scenes=scenes, target_seconds=target_seconds,
                        run_name=run_name, return_state=True, **common)
     publish_run_summary(VideoOutcome.from_state(idea, state), _media_url(config_file))
@@ -251,9 +254,13 @@ def night_outcomes(result: dict[str, Any]) -> list[VideoOutcome]:
     renders every idea in this one run, so each row links to it and to its artifacts."""
     from prefect.runtime import flow_run
 
+    from flows.fanout import made_by_text
+
     run_id = UUID(flow_run.id) if flow_run.id else None
     rows = [(r, VideoOutcome(r["idea"], "Completed", r["final"], run_id, where=r["where"],
-                             slug=r.get("slug", ""))) for r in result["done"]]
+                             slug=r.get("slug", ""),
+                             made_by=made_by_text(r.get("made_by", []))))
+            for r in result["done"]]
     rows += [(r, VideoOutcome(r.get("idea", ""), "Failed", None, run_id, r["reason"],
                               r["where"], r.get("slug", ""))) for r in result["failed"]]
     rows += [(r, VideoOutcome(r.get("idea", ""), "Skipped", reason=r["reason"],
@@ -280,9 +287,11 @@ def _media_url(config_file: str | None) -> str:
 
 
 def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, Any],
-              until: str | None = None) -> str:
+              until: str | None = None, fan_out: bool = False) -> str:
     """The whole batch as one night, stage by stage (flows/night.py); one failed idea never
-    stops the others. Returns the summary's path."""
+    stops the others. With `fan_out`, the night is shared by the pool's GPU workers
+    (flows/fanout.py). Returns the summary's path."""
+    from flows.fanout import fan_out_night, makers
     from flows.night import NightOptions, parse_until, run_night, write_summary
 
     _send_library_logs_to_prefect()
@@ -290,7 +299,13 @@ def run_batch(batch: str, scenes: int, target_seconds: float, common: dict[str, 
     out_dir = Path(common["output_dir"] or load_settings(common["config_file"]).output_dir)
     opts = NightOptions(name=Path(batch).stem, out_dir=out_dir,
                         until=parse_until(until, time.time()) if until else None)
-    result, _eta = run_night(load_batch(batch), scenes, target_seconds, common, opts)
+    parsed = load_batch(batch)
+    result = fan_out_night(parsed, scenes, target_seconds, common, out_dir, opts.name,
+                           opts.until) if fan_out else None
+    if result is None:
+        result, _eta = run_night(parsed, scenes, target_seconds, common, opts)
+        for row in result["done"]:  # which worker and GPU made it, as a shared night says
+            row["made_by"] = makers(Path(row["final"]))
     out = write_summary(out_dir, batch, result)
     publish_batch_table(opts.name, night_outcomes(result), _media_url(common["config_file"]))
     log.info("batch %s: %d done, %d failed, %d skipped, %d left for the next night; "

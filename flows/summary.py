@@ -62,6 +62,7 @@ class VideoOutcome:
     reason: str = ""
     where: str = ""  # the batch line, if any
     slug: str = ""  # its artifacts' keys end so (a night renders every idea in one run)
+    made_by: str = ""  # the workers and GPUs that rendered it (a night over several)
 
     @classmethod
     def from_state(cls, idea: str, state: State[Any], where: str = "") -> VideoOutcome:
@@ -128,13 +129,17 @@ def summary_markdown(title: str, outcomes: list[VideoOutcome], media_url: str) -
              f"through `story-to-video serve` at {media_url}; paths on disk are below.", "",
              # The UI never wraps a table cell: short cells keep the table within the page.
              "| idea | state | video | open |", "|---|---|---|---|"]
+    makers = any(o.made_by for o in outcomes)
+    if makers:
+        lines[-2:] = ["| idea | state | video | made by | open |", "|---|---|---|---|---|"]
     for o in outcomes:
         arts = _artifacts_of(o.flow_run_id, o.slug)
         links = [f"[run]({flow_run_link(o.flow_run_id)})"] if o.flow_run_id else []
         links += [f"[{kind}]({artifact_link(arts[kind])})" for kind in ("report", "vram")
                   if kind in arts]
+        made = f" {_cell(o.made_by)} |" if makers else ""
         lines.append(f"| {_label(o, IDEA_CELL_CHARS)} | {o.state} | {_video_cell(o, media_url)}"
-                     f" | {' · '.join(links)} |")
+                     f" |{made} {' · '.join(links)} |")
     if failed or skipped:
         lines += ["", "## Not made", ""]
         lines += [f"- {_label(o)}: **{o.state}**: {_cell(o.reason)}" for o in failed + skipped]
@@ -159,7 +164,8 @@ def _publish(key: str, markdown: str, description: str, outcomes: list[VideoOutc
         run = f"; video run {flow_run_link(o.flow_run_id)}" if o.flow_run_id else ""
         if o.final:
             play = media_link(media_url, Path(o.final).parent, Path(o.final).name)
-            run_log.info("%s: made %s (play: %s)%s", _label(o), o.final, play, run)
+            by = f" by {o.made_by}" if o.made_by else ""
+            run_log.info("%s: made %s%s (play: %s)%s", _label(o), o.final, by, play, run)
         else:
             run_log.info("%s: %s: %s%s", _label(o), o.state, o.reason, run)
 

@@ -366,6 +366,51 @@ def doctor(
 
 
 @app.command()
+def worker(
+    gpu: Annotated[int, typer.Option("--gpu", help="the GPU's index as NVML counts it")],
+    name: Annotated[str | None, typer.Option(
+        "--name", help="worker and queue name (default <host>-gpu<N>)")] = None,
+    comfyui_url: Annotated[str | None, typer.Option(
+        "--comfyui-url", help="this GPU's ComfyUI (sets STV_COMFYUI__URL)")] = None,
+    pool: Annotated[str, typer.Option("--pool", help="the Prefect work pool")] =
+        "story-to-video",
+    config: ConfigOpt = None,
+) -> None:
+    """A Prefect worker bound to one GPU: checks the GPU exists (else it never starts), then
+    runs `prefect worker start` with the GPU in its environment, polling the pool's default
+    queue and a queue named after itself (where the overnight run sends its shard)."""
+    import signal
+    import subprocess
+
+    from flows.gpu import gpu_limit_name
+
+    from .worker import check_gpu, default_name, ensure_queue, hold_gpu_marker, worker_env
+
+    name = name or default_name(gpu)
+    with _errors():
+        settings = load_settings(config)
+        checked = check_gpu(gpu, settings.broker.gpu_count)
+        ensure_queue(pool, name)
+    _marker, other = hold_gpu_marker(gpu, name)
+    typer.echo(f"worker {name}: {checked}", err=True)
+    if other:
+        typer.echo(f"warning: GPU {gpu} of this host already has a worker ({other}); both "
+                   f"take runs, and the per-GPU limit {gpu_limit_name(gpu)} gives the card to "
+                   "one heavy job at a time: the other waits, and its log says so", err=True)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    proc = subprocess.Popen(
+        [prefect, "worker", "start", "--pool", pool, "--name", name, "--work-queue",
+         "default", "--work-queue", name],
+        env=worker_env(gpu, name, comfyui_url, dict(os.environ)))
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the terminal sent it to the worker as well
+        code = proc.wait()
+    raise typer.Exit(code)
+
+
+@app.command()
 def serve(
     folders: Annotated[list[Path] | None, typer.Option(
         "--dir", help="folder holding run folders (repeatable); default: output_dir")] = None,

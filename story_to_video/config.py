@@ -173,6 +173,8 @@ class ComfyUISettings(BaseModel):
 class BrokerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     gpu_index: int = Field(default=0, ge=0)
+    gpu_count: int | None = Field(default=None, ge=0, description="GPUs on this host, for "
+                                  "machines where NVML cannot count them (no NVIDIA driver)")
     budget_gib: float | None = Field(default=None, gt=0, description="cap below the card's total")
     safety_margin_gib: float = Field(default=1.0, ge=0)
     restart_every_n_scenes: int = Field(default=0, ge=0, description="0 = off")

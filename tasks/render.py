@@ -25,9 +25,10 @@ from story_to_video.engines.comfyui.errors import (
     Interrupted,
     StallError,
 )
-from story_to_video.locks import claim, release
+from story_to_video.locks import claim, is_stale, release
 from story_to_video.models import Shot
 from story_to_video.run import InputError, RunFolder
+from story_to_video.worker import made_by
 
 TRANSIENT = (ComfyUIUnavailable, ComfyUIDied, StallError, Interrupted, ConnectionError)
 DISK_MARGIN_BYTES = 200 * 2**20
@@ -109,6 +110,7 @@ def save_record(folder: RunFolder, shot: Shot, key: str, result: ClipResult,
         "seconds": round(result.seconds, 3), "engine": result.engine,
         "preview": result.preview, "cached": result.cached, "started_at": started,
         "start_image": _relative(folder, shot.start_image), "details": result.details,
+        "made_by": made_by(),
     }
     write_json_atomic(folder.record_path(shot, key), record)
     return record
@@ -145,6 +147,14 @@ def render_shots_pass_major(engine: VideoEngine, shots: list[Shot], folder: RunF
                             ) -> int:
     """Render every pending shot of one run pass by pass; returns how many."""
     return render_group_pass_major.fn(engine, [(s, folder) for s in shots])
+
+
+def taken(engine: VideoEngine, shot: Shot, folder: RunFolder) -> bool:
+    """The shot is rendered, or a live worker holds it."""
+    key = folder.shot_key(shot, engine.fingerprint())
+    lock = folder.clip_path(shot, key).with_suffix(".claim")
+    return folder.finished_record(shot, key) is not None or \
+        (lock.exists() and not is_stale(lock))
 
 
 @task(name="render-group-pass-major", cache_policy=NO_CACHE)
