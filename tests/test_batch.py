@@ -136,23 +136,5 @@ def test_night_plans_once_keeps_finished_videos_leaves_what_does_not_fit_and_res
         assert len(manifest["shots"]) == shots[fin.parent.name]
 
 
-@pytest.mark.slow
-def test_two_workers_share_a_batch_without_doing_a_shot_twice(tmp_path: Path) -> None:
-    file = tmp_path / "b.jsonl"
-    file.write_text('{"idea": "a paper boat race"}\n{"idea": "an owl reads a map"}\n')
-    out = tmp_path / "runs"
-    out.mkdir()
-    procs = [batch_cmd(file, out, tmp_path / f"home{i}") for i in range(2)]
-    logs = []
-    for p in procs:
-        _stdout, stderr = p.communicate(timeout=900)
-        assert p.returncode == 0, stderr[-3000:]
-        logs.append(stderr)
-    rendered = [line.split("PREVIEW render of ")[1].split(":")[0]
-                for log in logs for line in log.splitlines() if "PREVIEW render of" in line]
-    finals = list(out.glob("*/final.mp4"))
-    assert len(finals) == 2
-    shots_total = sum(len(json.loads((f.parent / "manifest.json").read_text())["shots"])
-                      for f in finals)
-    # every shot rendered once in all, whichever worker took it (ids repeat across ideas)
-    assert len(rendered) == shots_total
+# Two workers sharing one batch (claims, no shot rendered twice): tests/test_workers.py,
+# with real Prefect workers.

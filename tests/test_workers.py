@@ -81,8 +81,10 @@ class Pool:
 
     def start_worker(self, name: str, gpu: int) -> None:
         # each worker plans with its own embedded LLM (llama-cpp-python's server drops a
-        # second concurrent request, so one server cannot serve two workers)
-        env = {**self.env, "STV_BROKER__GPU_COUNT": "2", "STV_VIDEO__WIDTH": "256",
+        # second concurrent request, so one server cannot serve two workers), on one thread:
+        # two servers of two threads each on a 2-core CI machine spin against each other
+        env = {**self.env, "STV_LLM__EMBEDDED_THREADS": "1",
+               "STV_BROKER__GPU_COUNT": "2", "STV_VIDEO__WIDTH": "256",
                "STV_VIDEO__HEIGHT": "144", "STV_LLM__MAX_REPAIR_TRIES": "5",
                "PYTHONUNBUFFERED": "1"}
         out = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
@@ -109,11 +111,13 @@ class Pool:
                 proc.wait(timeout=30)
         self.workers.clear()
 
-    def run_overnight(self, batch: Path, out: Path) -> subprocess.Popen[str]:
+    def run_overnight(self, batch: Path, out: Path, scenes: int = 1,
+                      target_seconds: float = 2) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [PREFECT, "deployment", "run", "story-to-video/overnight", "--param",
-             f"batch={batch}", "--param", f"output_dir={out}", "--param", "scenes=1",
-             "--param", "target_seconds=2", "--watch", "--watch-timeout", "600"],
+             f"batch={batch}", "--param", f"output_dir={out}", "--param", f"scenes={scenes}",
+             "--param", f"target_seconds={target_seconds:g}", "--watch", "--watch-timeout",
+             "600"],
             env=self.env, cwd=self.project, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
 
@@ -243,8 +247,10 @@ def test_a_worker_killed_mid_batch_loses_nothing(pool: Pool, tmp_path: Path) -> 
         if name not in pool.workers:
             pool.start_worker(name, gpu)
     out = tmp_path / "runs"
-    ideas = ["a lighthouse in fog", "a fox finds a lantern", "a whale sings at dawn"]
-    run = pool.run_overnight(batch_file(tmp_path, ideas), out)
+    ideas = ["a lighthouse in fog", "a fox finds a lantern", "a whale sings at dawn",
+             "a kite over dunes"]
+    # ideas of two scenes: enough shots that the kill lands while both workers render
+    run = pool.run_overnight(batch_file(tmp_path, ideas), out, scenes=2, target_seconds=6)
     # the victim is the worker that does not run the parent: a lost parent is another
     # story (README: run `overnight` again), this test is about a lost shard
     deadline = time.monotonic() + 600
@@ -290,7 +296,8 @@ def test_a_worker_killed_mid_batch_loses_nothing(pool: Pool, tmp_path: Path) -> 
                                               *out.glob("*/clips/*.json")]}
     rendered = len(renders(pool.log(parent)))
     (out / "batch-night-summary.json").unlink()
-    finish(pool.run_overnight(batch_file(tmp_path, ideas), out), pool)
+    finish(pool.run_overnight(batch_file(tmp_path, ideas), out, scenes=2, target_seconds=6),
+           pool)
     again = json.loads((out / "batch-night-summary.json").read_text())
     assert sorted(d["idea"] for d in again["done"]) == sorted(ideas), again
     assert {p: p.stat().st_mtime_ns for p in done} == done
