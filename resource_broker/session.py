@@ -45,6 +45,7 @@ def make_broker(settings: Settings, engine: ComfyUIEngine, monitor: GpuMonitor,
                     margin_gib=settings.broker.safety_margin_gib,
                     restart_every_n_scenes=settings.broker.restart_every_n_scenes,
                     leak_threshold_gib=settings.broker.leak_threshold_gib,
+                    leak_check_every_n_scenes=settings.broker.leak_check_every_n_scenes,
                     llm=llm, memory_mode=memory_mode(engine.server_info()),
                     strategy=settings.broker.strategy)
     engine.broker = broker

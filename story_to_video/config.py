@@ -179,6 +179,9 @@ class BrokerSettings(BaseModel):
     safety_margin_gib: float = Field(default=1.0, ge=0)
     restart_every_n_scenes: int = Field(default=0, ge=0, description="0 = off")
     leak_threshold_gib: float = Field(default=1.5, gt=0)
+    leak_check_every_n_scenes: int = Field(
+        default=4, ge=1, description="/free and read the free VRAM every N scenes (each "
+        "/free makes ComfyUI load its models again)")
     sample_interval_s: float = Field(default=0.5, gt=0)
     llm_gib: float = Field(default=0.0, ge=0, description="VRAM the LLM holds, if not measured")
     concurrency_limit: bool = Field(default=True, description="one heavy job per GPU")

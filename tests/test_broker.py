@@ -181,18 +181,28 @@ def test_decode_headroom_full_free_tiled_refuse() -> None:
 
 def test_restart_on_creep_and_schedule() -> None:
     restarts: list[str] = []
-    b = broker(ScriptedMonitor(80, [40, 30.0, 30.0, 27.9, 31.0]), restart_every_n_scenes=0)
-    assert b.between_shots(0, "s01", lambda: None, restarts.append) is None  # baseline 30
-    assert b.between_shots(0, "s02", lambda: None, restarts.append) is None
-    reason = b.between_shots(1, "s03", lambda: None, restarts.append)
+    frees: list[str] = []
+    b = broker(ScriptedMonitor(80, [40, 30.0, 27.9, 31.0]), restart_every_n_scenes=0,
+               leak_check_every_n_scenes=1)
+    assert b.between_shots(0, "s01", lambda: frees.append("s01"), restarts.append) is None
+    assert b.baseline_free_gib == 30.0
+    # within a scene the models ComfyUI keeps stay loaded: no /free, no reading
+    assert b.between_shots(0, "s02", lambda: frees.append("s02"), restarts.append) is None
+    reason = b.between_shots(1, "s03", lambda: frees.append("s03"), restarts.append)
     assert reason is not None and reason.startswith("memory creep: 27.90 GiB free")
-    assert restarts == [reason]
+    assert restarts == [reason] and frees == ["s01", "s03"]
     assert b.baseline_free_gib == 31.0
+    # by default the check runs at the first scene, then every 4th
+    b = broker(ScriptedMonitor(80, [40, 30.0]))
+    frees.clear()
+    for i in range(9):
+        b.between_shots(i, f"s{i}", lambda i=i: frees.append(f"s{i}"), None)
+    assert frees == ["s0", "s4", "s8"]
     b = broker(ScriptedMonitor(80, [40, 30.0]), restart_every_n_scenes=2)
     got = [b.between_shots(i, f"s{i}", lambda: None, restarts.append) for i in range(5)]
     assert got == [None, None, "scheduled: every 2 scene(s)", None,
                    "scheduled: every 2 scene(s)"]
-    b = broker(ScriptedMonitor(80, [40, 30.0, 20.0]))
+    b = broker(ScriptedMonitor(80, [40, 30.0, 20.0]), leak_check_every_n_scenes=1)
     b.between_shots(0, "a", lambda: None, None)
     b.between_shots(1, "b", lambda: None, None)
     assert b.events[-1].action == "restart-unavailable"
