@@ -81,6 +81,7 @@ class Truth:
     llm_load_s: float = 25.0
     llm_tokens_per_s: float = 40.0
     card_gib: float = 32.0
+    steps: tuple[int, int] = (2, 2)  # high-noise, low-noise sampling steps (4-step LoRA)
 
 
 @dataclass
@@ -254,7 +255,7 @@ class SimEngine:
         self.vram: set[str] = set()
         self.ram: set[str] = set()
         self.broker: Broker | None = None
-        self.steps = (2, 2)
+        self.steps = world.truth.steps
 
     def fingerprint(self) -> str:
         return "sim-wan22-14b"

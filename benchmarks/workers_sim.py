@@ -13,7 +13,7 @@ to one worker against 1/N, and the orchestration time per shot: the real wall ti
 render phase took per shot with an engine that takes no real time (Prefect task runs on a
 local temporary server, claims, records), which is what Prefect and the claims add.
 
-    python benchmarks/workers_sim.py --ideas 20 --workers 1 2 4 \\
+    python benchmarks/workers_sim.py --ideas 20 --workers 1 2 4 --steps 2+2 20+20 \\
         --out benchmarks/results/workers-sim.json
 """
 
@@ -40,6 +40,7 @@ from benchmarks.night_sim import (  # noqa: E402
     SimLLM,
     SimLLMSession,
     SimNight,
+    Truth,
     World,
     batch_of,
     sim_settings,
@@ -138,7 +139,8 @@ def _virtual_waits() -> None:
     tasks.render.time = proxy  # type: ignore[assignment]
 
 
-def run_workers(n_ideas: int, n_workers: int, out: Path, seed: int = 7) -> dict[str, Any]:
+def run_workers(n_ideas: int, n_workers: int, out: Path, seed: int = 7,
+                steps: tuple[int, int] = (2, 2)) -> dict[str, Any]:
     from prefect import flow
 
     names = [f"w{i}" for i in range(n_workers)]
@@ -174,7 +176,7 @@ def run_workers(n_ideas: int, n_workers: int, out: Path, seed: int = 7) -> dict[
             errors.append(err)
 
     for i, name in enumerate(names):
-        w = SyncWorld(rng=random.Random(seed + i))
+        w = SyncWorld(rng=random.Random(seed + i), truth=Truth(steps=steps))
         w.baton, w.name = baton, name
         worlds[name] = w
     threads = [threading.Thread(target=thread, args=(n,)) for n in names]
@@ -187,7 +189,8 @@ def run_workers(n_ideas: int, n_workers: int, out: Path, seed: int = 7) -> dict[
     shots = len(list(out.glob("*/clips/*.json")))
     samples = {n: sum(1 for s in w.spans if s.what == "sample") for n, w in worlds.items()}
     done = {d["where"] for r in results.values() for d in r["done"]}
-    return {"ideas": n_ideas, "workers": n_workers, "videos": len(done), "shots": shots,
+    return {"ideas": n_ideas, "steps": "+".join(map(str, steps)), "workers": n_workers,
+            "videos": len(done), "shots": shots,
             "total_s": round(max(w.t for w in worlds.values()), 1),
             "worker_s": {n: round(w.t, 1) for n, w in worlds.items()},
             "sampling_steps": samples,
@@ -202,6 +205,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ideas", type=int, default=20)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--steps", nargs="+", default=["2+2"],
+                    help="sampling steps high+low, one night per value (2+2: the 4-step "
+                    "LoRA; 20+20: without it)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = ap.parse_args()
 
@@ -210,20 +216,22 @@ def main() -> None:
     _virtual_waits()
     rows = []
     with disable_run_logger():
-        for n in args.workers:
-            with tempfile.TemporaryDirectory() as tmp:
-                row = run_workers(args.ideas, n, Path(tmp))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    one = next(r for r in rows if r["workers"] == 1)
-    print("\nworkers  videos  total s  vs 1 worker  ideal 1/N  off ideal  wall s per shot")
+        for spec in args.steps:
+            hi, lo = (int(x) for x in spec.split("+"))
+            for n in args.workers:
+                with tempfile.TemporaryDirectory() as tmp:
+                    row = run_workers(args.ideas, n, Path(tmp), steps=(hi, lo))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print("\nsteps  workers  videos  total s  vs 1 worker  ideal 1/N  off ideal  wall s per shot")
     for r in rows:
+        one = next(o for o in rows if o["workers"] == 1 and o["steps"] == r["steps"])
         ratio = r["total_s"] / one["total_s"]
         r["ratio"] = round(ratio, 3)
         r["off_ideal"] = round(ratio * r["workers"] - 1, 3)
         r["wall_s_per_shot"] = round(r["wall_s"] / max(r["shots"], 1), 3)
-        print(f"{r['workers']:7}  {r['videos']:6}  {r['total_s']:7.0f}  {ratio:11.3f}  "
-              f"{1 / r['workers']:9.3f}  {100 * r['off_ideal']:+8.1f}%  "
+        print(f"{r['steps']:>5}  {r['workers']:7}  {r['videos']:6}  {r['total_s']:7.0f}  "
+              f"{ratio:11.3f}  {1 / r['workers']:9.3f}  {100 * r['off_ideal']:+8.1f}%  "
               f"{r['wall_s_per_shot']:15.3f}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

@@ -248,14 +248,27 @@ def idea_items(idea: Idea) -> tuple[list[WorkItem], bool]:
     (shots per scene as the planner would aim for, frames split from the target)."""
     if idea.plan is not None:
         deps = idea_deps(idea)
-        return [WorkItem(idea.index, s.id, s.frames, s.width, s.height, deps.get(s.id, ()))
-                for s in idea.plan.shots], False
+        keyframed = idea_keyframes(idea)
+        return [WorkItem(idea.index, s.id, s.frames, s.width, s.height, deps.get(s.id, ()),
+                         s.id in keyframed) for s in idea.plan.shots], False
     spec, v = idea.folder.spec, idea.settings.video
     per_scene = min(v.max_shots_per_scene,
                     max(2, min_shots_per_scene(spec.target_seconds, v.fps, spec.scenes)))
     frames = allocate_frames(spec.scenes * per_scene, spec.target_seconds, v.fps)
+    mode = v.start_images if takes_start_image(idea.settings) else "none"
     return [WorkItem(idea.index, f"s{n // per_scene + 1:02d}_sh{n % per_scene + 1:02d}", f,
-                     v.width, v.height) for n, f in enumerate(frames)], True
+                     v.width, v.height,
+                     keyframe=mode == "keyframe" or (mode == "keyframe+chain"
+                                                     and n % per_scene == 0))
+            for n, f in enumerate(frames)], True
+
+
+def idea_keyframes(idea: Idea) -> set[str]:
+    """The planned shots that start from a keyframe."""
+    if idea.plan is None or not takes_start_image(idea.settings):
+        return set()
+    found = sources(idea.plan, idea.settings.video.start_images, idea.user)
+    return {k for k, src in found.items() if src.kind == "keyframe"}
 
 
 def idea_plans(ideas: list[Idea], profiles: dict[int, EngineProfile],
@@ -684,15 +697,23 @@ class Night:
             if starts.keyframe_shots():
                 wanted.append((idea, starts))
         for n, (idea, starts) in enumerate(wanted):
+            fresh: list[tuple[int, int, int]] = []
             t0 = self.env.clock()
             try:
+                fresh = [(1, s.width, s.height) for s in starts.keyframe_shots()
+                         if not starts.keyframe_path(s).exists()]
                 render_keyframes(self.env.engine(idea), starts, gpu.broker,
                                  label=idea.folder.root.name, last=n == len(wanted) - 1)
             except DiskFull:
                 raise
             except Exception as err:  # this idea fails; the others go on
                 self.fail(idea, err)
-            self._add("keyframes", self.env.clock() - t0)
+                fresh = []
+            took = self.env.clock() - t0
+            self._add("keyframes", took)
+            if fresh:  # the ETA's keyframe stage learns from what this machine took
+                self.tm.refine("keyframes", self.tm.keyframe_seconds(
+                    self.profiles[idea.index], fresh), took)
 
     def _render_groups(self, profile: EngineProfile, groups: list[Group],
                        gpu: GpuSession) -> None:

@@ -28,6 +28,7 @@ class WorkItem:
     width: int
     height: int
     deps: tuple[str, ...] = ()  # shot ids of the same idea that must be finished first
+    keyframe: bool = False  # its start image is a keyframe, made before any clip
 
     @property
     def key(self) -> str:
@@ -170,18 +171,30 @@ def plan_groups(ideas: Sequence[IdeaPlan], tm: TimeModel, pack_s: float = PACK_S
     return out
 
 
+def keyframe_seconds(ideas: Sequence[IdeaPlan], tm: TimeModel) -> float:
+    """The keyframes still to make, before any clip: one set of loads per engine, then a
+    one-frame render each (of shots not finished yet)."""
+    total = 0.0
+    for profile in dict.fromkeys(i.profile for i in ideas):
+        shapes = [(1, it.width, it.height) for i in ideas if i.profile == profile
+                  for it in i.items if it.keyframe and it.key not in i.done_items]
+        total += tm.keyframe_seconds(profile, shapes)
+    return total
+
+
 def predict(ideas: Sequence[IdeaPlan], tm: TimeModel, pack_s: float = PACK_S,
             llm_moves: tuple[float, float] = (0.0, 0.0)) -> NightEta:
     """The night in the order the batch runs it: plan every idea that needs it (one LLM
     load), move the LLM (`llm_moves`: seconds of LLM loads before and after the render
-    phase, as the broker will decide), render the groups, assemble each idea right after
-    its last shot."""
+    phase, as the broker will decide), make every keyframe, render the groups, assemble
+    each idea right after its last shot."""
     planning = [i for i in ideas if i.needs_plan]
     llm_load = tm.llm_load_seconds() if planning else 0.0
     plan_each = tm.plan_seconds()
     gpu_work = any(i.profile.gpu for i in ideas)
     before, after = llm_moves if gpu_work else (0.0, 0.0)
-    t = llm_load + plan_each * len(planning) + before
+    keyframes = keyframe_seconds(ideas, tm)
+    t = llm_load + plan_each * len(planning) + before + keyframes
     left = {i.index: len([it for it in i.items if it.key not in i.done_items]) for i in ideas}
     render = {i.index: 0.0 for i in ideas}
     finish = {i.index: t for i in ideas}
@@ -214,8 +227,11 @@ def predict(ideas: Sequence[IdeaPlan], tm: TimeModel, pack_s: float = PACK_S,
                     round(render[i.index], 1), round(tm.assemble_seconds(i.frames), 1),
                     round(finish[i.index], 1), i.estimated) for i in ideas]
     stages = {"llm_load": round(llm_load, 1), "plan": round(plan_each * len(planning), 1),
-              "llm_moves": round(before + after, 1), "render": round(sum(render.values()), 1),
+              "llm_moves": round(before + after, 1), "keyframes": round(keyframes, 1),
+              "render": round(sum(render.values()), 1),
               "assemble": round(assemble_total, 1)}
+    if not keyframes:  # a night without keyframes does not list the stage
+        del stages["keyframes"]
     return NightEta(stages, rows, round(t, 1), loads, len(groups))
 
 

@@ -27,7 +27,7 @@ from .cost_model import GIB, MODELS, tokens
 MODEL_COMPUTE = {"wan2.2-14b": 1.0, "wan2.2-14b-bf16": 1.0, "wan2.1-14b": 1.0,
                  "wan2.2-5b": 5.0 / 14.29, "wan2.1-1.3b": 1.3 / 14.29}
 STAGES = ("sample", "decode", "encode", "overhead", "load", "render", "llm_load", "plan",
-          "preview", "assemble")
+          "preview", "assemble", "keyframes")
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,14 @@ class TimeModel:
         # "render": what measured GPU groups taught this machine, on top of the parts
         learned = self._k("render") if p.gpu else 1.0
         return {name: v * learned for name, v in out.items()}
+
+    def keyframe_seconds(self, p: EngineProfile, shapes: list[tuple[int, int, int]]) -> float:
+        """Keyframes made in a row: as a group of one-frame shots of the video model (the
+        shipped keyframe workflows are the Wan 2.2 models at length 1); what the night
+        measures corrects it (stage "keyframes")."""
+        if not shapes:
+            return 0.0
+        return sum(self.group_seconds(p, shapes).values()) * self._k("keyframes")
 
     def pass_major_pays(self, p: EngineProfile, n_shots: int) -> bool:
         """Pass by pass saves a set of loads per shot after the first; it costs the latent

@@ -71,6 +71,29 @@ def test_eta_plans_all_first_then_renders_and_assembles_each_idea_when_done() ->
     assert predict(plans(3), tm).total_s < eta.total_s
 
 
+def test_eta_makes_every_keyframe_before_the_render_and_learns_their_time() -> None:
+    from dataclasses import replace
+
+    tm = TimeModel()
+    plain = predict(plans(2), tm)
+    keyed = [IdeaPlan(p.index, p.label, p.profile,
+                      [replace(it, keyframe=n % 2 == 0) for n, it in enumerate(p.items)],
+                      needs_plan=True) for p in plans(2)]
+    eta = predict(keyed, tm)
+    one_set = tm.keyframe_seconds(WAN, [(1, 832, 480)] * 4)  # 2 keyframes per idea
+    assert eta.stages["keyframes"] == pytest.approx(one_set, abs=0.1)
+    assert one_set > tm.load_seconds(WAN)  # one set of loads, then a frame each
+    assert eta.total_s == pytest.approx(plain.total_s + one_set, abs=0.2)
+    assert eta.ideas[0].finish_s == pytest.approx(plain.ideas[0].finish_s + one_set, abs=0.2)
+    # a shot already finished needs no keyframe
+    keyed[0].done_items.add(keyed[0].items[0].key)
+    assert predict(keyed, tm).stages["keyframes"] == pytest.approx(
+        tm.keyframe_seconds(WAN, [(1, 832, 480)] * 3), abs=0.1)
+    # what the night measured corrects the next ETA
+    tm.refine("keyframes", one_set, 2 * one_set, weight=1.0)
+    assert tm.keyframe_seconds(WAN, [(1, 832, 480)] * 4) == pytest.approx(2 * one_set)
+
+
 def test_window_schedules_what_fits_and_says_by_how_much_nothing_does() -> None:
     tm = TimeModel()
     full = predict(plans(3), tm, pack_s=1.0)
