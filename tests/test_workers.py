@@ -53,6 +53,44 @@ def test_a_worker_told_a_gpu_that_does_not_exist_never_starts(tmp_path: Path) ->
         "(broker.gpu_count (no NVML here)); the worker was not started and takes no run")
 
 
+def test_two_workers_told_the_same_gpu_are_serialised_and_say_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+
+    from flows.gpu import host_gpu_lock
+    from story_to_video.worker import hold_gpu_marker
+
+    first, other = hold_gpu_marker(0, "w0", tmp_path)
+    assert other is None
+    second, other = hold_gpu_marker(0, "w1", tmp_path)
+    assert other is not None and other.startswith("w0 (pid ")  # the warning names it
+    _third, other = hold_gpu_marker(1, "w2", tmp_path)
+    assert other is None  # another card is free
+    first.close()
+    second.close()
+
+    order: list[str] = []
+    holding = threading.Event()
+
+    def job(name: str, hold_s: float) -> None:
+        with host_gpu_lock(0, tmp_path):
+            order.append(f"{name} in")
+            holding.set()
+            time.sleep(hold_s)
+            order.append(f"{name} out")
+
+    a = threading.Thread(target=job, args=("a", 0.5))
+    a.start()
+    assert holding.wait(10)
+    with caplog.at_level("INFO", logger="resource_broker.session"):
+        job("b", 0.0)  # waits for a: one heavy job per card
+    a.join()
+    assert order == ["a in", "a out", "b in", "b out"]
+    busy = [r.getMessage() for r in caplog.records if "is busy" in r.getMessage()]
+    assert busy and busy[0].startswith("GPU 0 is busy (pid ") and busy[0].endswith(
+        "; waiting for it")
+
+
 def test_a_host_whose_output_folder_is_not_the_shared_one_is_refused(tmp_path: Path) -> None:
     from flows.fanout import read_manifest, write_manifest
     from story_to_video.batch import parse_batch_text
