@@ -121,7 +121,9 @@ class Pool:
         # each worker plans with its own embedded LLM (llama-cpp-python's server drops a
         # second concurrent request, so one server cannot serve two workers), on one thread:
         # two servers of two threads each on a 2-core CI machine spin against each other
-        env = {**self.env, "STV_LLM__EMBEDDED_THREADS": "1",
+        # greedy decoding: the tiny model plans each idea the same way every run, so
+        # whether a plan validates is not left to chance (this test is about workers)
+        env = {**self.env, "STV_LLM__EMBEDDED_THREADS": "1", "STV_LLM__TEMPERATURE": "0",
                "STV_BROKER__GPU_COUNT": "2", "STV_VIDEO__WIDTH": "256",
                "STV_VIDEO__HEIGHT": "144", "STV_LLM__MAX_REPAIR_TRIES": "5",
                "PYTHONUNBUFFERED": "1"}
@@ -258,6 +260,19 @@ def records_by(out: Path, worker: str) -> dict[Path, int]:
     return found
 
 
+def claims_of(out: Path, pid: int) -> list[Path]:
+    """The claims (plans, shots, assembly) that process `pid` of this host holds."""
+    found = []
+    for p in out.rglob("*.claim"):
+        try:
+            owner = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if owner.get("pid") == pid and owner.get("host") == socket.gethostname():
+            found.append(p)
+    return found
+
+
 def parent_worker(pool: Pool, out: Path) -> str | None:
     """The worker whose flow run process runs the parent of the night into `out` (the
     `overnight` run): Prefect records the process's pid as the run's infrastructure_pid."""
@@ -286,9 +301,8 @@ def test_a_worker_killed_mid_batch_loses_nothing(pool: Pool, tmp_path: Path) -> 
             pool.start_worker(name, gpu)
     out = tmp_path / "runs"
     ideas = ["a lighthouse in fog", "a fox finds a lantern", "a whale sings at dawn",
-             "a kite over dunes"]
-    # ideas of two scenes: enough shots that the kill lands while both workers render
-    run = pool.run_overnight(batch_file(tmp_path, ideas), out, scenes=2, target_seconds=6)
+             "a kite over dunes", "a snail races a train"]
+    run = pool.run_overnight(batch_file(tmp_path, ideas), out)
     # the victim is the worker that does not run the parent: a lost parent is another
     # story (README: run `overnight` again), this test is about a lost shard
     deadline = time.monotonic() + 600
@@ -299,8 +313,10 @@ def test_a_worker_killed_mid_batch_loses_nothing(pool: Pool, tmp_path: Path) -> 
         parent = parent or parent_worker(pool, out)
         victim = {"w0": "w1", "w1": "w0"}.get(parent or "")
         shard_pid = worker_pid_of_shard(out, victim) if victim else None
-        if shard_pid and records_by(out, victim or "") and \
-                len(list(out.glob("*/final.mp4"))) < len(ideas) - 1:
+        # mid-batch: the victim's shard holds a claim (a plan or a shot it is working on)
+        # or has finished shots, and videos are still missing
+        if shard_pid and (records_by(out, victim or "") or claims_of(out, shard_pid)) and \
+                len(list(out.glob("*/final.mp4"))) < len(ideas):
             break
         time.sleep(0.05)
     assert parent and victim and shard_pid, f"no shard of the other worker rendered ({parent})"
@@ -320,7 +336,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(pool: Pool, tmp_path: Path) -> 
         manifest = json.loads((out / folder / "manifest.json").read_text())
         assert len({s["key"] for s in manifest["shots"]}) == n
     takers = {m["worker"] for d in summary["done"] for m in d["made_by"]}
-    assert takers == {"w0", "w1"}
+    assert takers == ({"w0", "w1"} if kept else {parent})
     # Prefect shows the lost run as crashed, with why
     r = httpx.post(f"{pool.env['PREFECT_API_URL']}/flow_runs/filter",
                    json={"flow_runs": {"name": {"any_": [f"night shard for {victim}",
@@ -334,8 +350,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(pool: Pool, tmp_path: Path) -> 
                                               *out.glob("*/clips/*.json")]}
     rendered = len(renders(pool.log(parent)))
     (out / "batch-night-summary.json").unlink()
-    finish(pool.run_overnight(batch_file(tmp_path, ideas), out, scenes=2, target_seconds=6),
-           pool)
+    finish(pool.run_overnight(batch_file(tmp_path, ideas), out), pool)
     again = json.loads((out / "batch-night-summary.json").read_text())
     assert sorted(d["idea"] for d in again["done"]) == sorted(ideas), again
     assert {p: p.stat().st_mtime_ns for p in done} == done
