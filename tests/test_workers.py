@@ -1,7 +1,8 @@
 """Several GPU workers through a Prefect work pool, for real: a Prefect server, `prefect deploy`
 from prefect.yaml, two `story-to-video worker --gpu N` processes (each a real `prefect worker
-start` told a different GPU; preview engine, embedded LLM), and `prefect deployment run
-'story-to-video/overnight'`. The night fans out to both; one is killed mid-batch."""
+start` told a different GPU and its own ComfyUI, a fake one whose steps take time; embedded
+LLM), and `prefect deployment run 'story-to-video/overnight'`. The night fans out to both;
+one is killed mid-batch."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ import pytest
 from story_to_video.locks import claim, is_stale, release
 from story_to_video.models import ShotPlan
 from tests.conftest import ROOT
+from tests.fake_comfyui import FakeComfyUI, Faults
 from tests.prefect_server import PREFECT, prefect_server
 
 STV = str(Path(sys.executable).parent / "story-to-video")
+STEP_S = 0.3  # per sampling step of the workers' ComfyUI: 4 steps, about 1.5 s a shot
 
 
 # -- claims of another host ------------------------------------------------------------------
@@ -113,23 +116,30 @@ class Pool:
     project: Path
     tmp: Path
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # each worker's own ComfyUI (its GPU): the fake, with sampling steps that take time, so
+    # a shot costs seconds as on a GPU and the workers really share the render
+    comfyui: dict[str, FakeComfyUI] = field(default_factory=dict)
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
     def start_worker(self, name: str, gpu: int) -> None:
+        if name not in self.comfyui:
+            self.comfyui[name] = FakeComfyUI(faults=Faults(step_delay_s=STEP_S)).start()
         # each worker plans with its own embedded LLM (llama-cpp-python's server drops a
         # second concurrent request, so one server cannot serve two workers), on one thread:
         # two servers of two threads each on a 2-core CI machine spin against each other
         # greedy decoding: the tiny model plans each idea the same way every run, so
         # whether a plan validates is not left to chance (this test is about workers)
         env = {**self.env, "STV_LLM__EMBEDDED_THREADS": "1", "STV_LLM__TEMPERATURE": "0",
+               "STV_ENGINE": "comfyui", "STV_COMFYUI__WORKFLOW": "wan22_14b_t2v",
                "STV_BROKER__GPU_COUNT": "2", "STV_VIDEO__WIDTH": "256",
                "STV_VIDEO__HEIGHT": "144", "STV_LLM__MAX_REPAIR_TRIES": "5",
                "PYTHONUNBUFFERED": "1"}
         out = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
         self.workers[name] = subprocess.Popen(
-            [STV, "worker", "--gpu", str(gpu), "--name", name], env=env, cwd=self.project,
+            [STV, "worker", "--gpu", str(gpu), "--name", name, "--comfyui-url",
+             self.comfyui[name].url], env=env, cwd=self.project,
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -150,6 +160,12 @@ class Pool:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=30)
         self.workers.clear()
+        for server in self.comfyui.values():
+            server.stop()
+
+    def shots_sent(self) -> dict[str, int]:
+        """Prompts each worker's ComfyUI received (a shot's, the engine's own checks)."""
+        return {n: len(c.prompts) for n, c in self.comfyui.items()}
 
     def run_overnight(self, batch: Path, out: Path, scenes: int = 1,
                       target_seconds: float = 2) -> subprocess.Popen[str]:
@@ -195,11 +211,6 @@ def shots_of(out: Path) -> dict[str, int]:
             for p in out.glob("*/plan.json")}
 
 
-def renders(log: str) -> list[str]:
-    return [line.split("PREVIEW render of ")[1].split(":")[0]
-            for line in log.splitlines() if "PREVIEW render of" in line]
-
-
 def finish(run: subprocess.Popen[str], pool: Pool) -> str:
     out, _ = run.communicate(timeout=700)
     logs = "\n".join(pool.log(n)[-4000:] for n in ("w0", "w1"))
@@ -217,16 +228,19 @@ def test_an_overnight_batch_fans_out_over_two_real_workers(pool: Pool, tmp_path:
     ideas = ["a paper boat race", "an owl reads a map", "a snail races a train",
              "a kite over dunes"]
     batch = batch_file(tmp_path, ideas)
-    before = {n: len(renders(pool.log(n))) for n in ("w0", "w1")}
+    sent = pool.shots_sent()
     finish(pool.run_overnight(batch, out), pool)
     summary = json.loads((out / "batch-night-summary.json").read_text())
     assert sorted(d["idea"] for d in summary["done"]) == sorted(ideas), summary
     assert sorted(summary["shard_states"].items()) == [("w0", "Completed"),
                                                        ("w1", "Completed")]
-    # every shot rendered exactly once, over both workers, and both rendered
-    made = {n: renders(pool.log(n))[before[n]:] for n in ("w0", "w1")}
+    # every shot rendered exactly once, over both workers, and both rendered, each on its
+    # own ComfyUI
+    made = {n: records_by(out, n) for n in ("w0", "w1")}
     assert len(made["w0"]) + len(made["w1"]) == sum(shots_of(out).values())
     assert made["w0"] and made["w1"], made
+    prompts = {n: c - sent.get(n, 0) for n, c in pool.shots_sent().items()}
+    assert all(prompts[n] >= len(made[n]) for n in made), prompts
     # the summary says which worker and GPU made each video
     makers = [(m["worker"], m["gpu"]) for d in summary["done"] for m in d["made_by"]]
     assert set(makers) == {("w0", 0), ("w1", 1)}
@@ -348,10 +362,10 @@ def test_a_worker_killed_mid_batch_loses_nothing(pool: Pool, tmp_path: Path) -> 
     # the same folder redoes no plan and no shot, and writes the night's summary
     done = {p: p.stat().st_mtime_ns for p in [*out.glob("*/plan.json"),
                                               *out.glob("*/clips/*.json")]}
-    rendered = len(renders(pool.log(parent)))
+    sent = pool.shots_sent()
     (out / "batch-night-summary.json").unlink()
     finish(pool.run_overnight(batch_file(tmp_path, ideas), out), pool)
     again = json.loads((out / "batch-night-summary.json").read_text())
     assert sorted(d["idea"] for d in again["done"]) == sorted(ideas), again
     assert {p: p.stat().st_mtime_ns for p in done} == done
-    assert len(renders(pool.log(parent))) == rendered
+    assert pool.shots_sent() == sent  # no ComfyUI got a prompt: nothing rendered again
