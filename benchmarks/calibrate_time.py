@@ -72,8 +72,9 @@ def fit(tm: TimeModel, data: list[tuple[Size, bool, float]]) -> tuple[float, flo
     """Least squares of y - encode = k_load * loads + k_sample * work + k_overhead * overhead."""
     import numpy as np
 
-    a = np.array([parts(tm, size, cold)[:3] for size, cold, _y in data])
-    b = np.array([y - parts(tm, size, cold)[3] for size, cold, y in data])
+    rows = [(parts(tm, size, cold), y) for size, cold, y in data]
+    a = np.array([p[:3] for p, _y in rows])
+    b = np.array([y - p[3] for p, y in rows])
     if np.linalg.matrix_rank(a) < 3:
         raise SystemExit("the training clips cannot tell loads, sampling and overhead "
                          "apart: add cold and warm clips of several sizes")

@@ -56,7 +56,7 @@ from story_to_video.models import Shot, ShotPlan
 from story_to_video.planner import allocate_frames, min_shots_per_scene
 from story_to_video.report import write_report
 from story_to_video.run import InputError, RunFolder, RunSpec, safe_name
-from story_to_video.start_images import StartImages, UserImages, for_run, sources
+from story_to_video.start_images import Source, StartImages, UserImages, for_run, sources
 from story_to_video.ui import run_slug
 from tasks.assemble import assemble_video
 from tasks.keyframe import render_keyframes
@@ -220,15 +220,18 @@ def llm_moves(settings: Settings, first: WorkItem | None) -> tuple[int, int]:
 
 def shot_deps(idea: Idea, shot: Shot) -> tuple[str, ...]:
     """Shots this one starts from: the shot before it in its scene, when chained."""
-    return idea_deps(idea).get(shot.id, ())
+    return _deps(idea_sources(idea).get(shot.id))
 
 
-def idea_deps(idea: Idea) -> dict[str, tuple[str, ...]]:
-    """Every chained shot of the idea and the shot it starts from."""
+def idea_sources(idea: Idea) -> dict[str, Source]:
+    """Where each planned shot's start image comes from; nothing for a workflow without one."""
     if idea.plan is None or not takes_start_image(idea.settings):
         return {}
-    found = sources(idea.plan, idea.settings.video.start_images, idea.user)
-    return {k: (src.after,) for k, src in found.items() if src.after}
+    return sources(idea.plan, idea.settings.video.start_images, idea.user)
+
+
+def _deps(src: Source | None) -> tuple[str, ...]:
+    return (src.after,) if src is not None and src.after else ()
 
 
 def takes_start_image(settings: Settings) -> bool:
@@ -247,10 +250,10 @@ def idea_items(idea: Idea) -> tuple[list[WorkItem], bool]:
     """The idea's work items: its planned shots, or an estimate before the LLM planned it
     (shots per scene as the planner would aim for, frames split from the target)."""
     if idea.plan is not None:
-        deps = idea_deps(idea)
-        keyframed = idea_keyframes(idea)
-        return [WorkItem(idea.index, s.id, s.frames, s.width, s.height, deps.get(s.id, ()),
-                         s.id in keyframed) for s in idea.plan.shots], False
+        found = idea_sources(idea)
+        return [WorkItem(idea.index, s.id, s.frames, s.width, s.height, _deps(src),
+                         src is not None and src.kind == "keyframe")
+                for s in idea.plan.shots for src in [found.get(s.id)]], False
     spec, v = idea.folder.spec, idea.settings.video
     per_scene = min(v.max_shots_per_scene,
                     max(2, min_shots_per_scene(spec.target_seconds, v.fps, spec.scenes)))
@@ -261,14 +264,6 @@ def idea_items(idea: Idea) -> tuple[list[WorkItem], bool]:
                      keyframe=mode == "keyframe" or (mode == "keyframe+chain"
                                                      and n % per_scene == 0))
             for n, f in enumerate(frames)], True
-
-
-def idea_keyframes(idea: Idea) -> set[str]:
-    """The planned shots that start from a keyframe."""
-    if idea.plan is None or not takes_start_image(idea.settings):
-        return set()
-    found = sources(idea.plan, idea.settings.video.start_images, idea.user)
-    return {k for k, src in found.items() if src.kind == "keyframe"}
 
 
 def idea_plans(ideas: list[Idea], profiles: dict[int, EngineProfile],
