@@ -13,8 +13,10 @@ A second process holds GPU memory so that only --free GiB stay free (a smaller c
 LLM stand-in (a process that holds --llm-gib and reloads them from a weights file) sits
 beside ComfyUI for the LLM rows: kept, partly offloaded, unloaded, or as the broker decides.
 `--soak N` sends N prompts of varying sizes and records ComfyUI's RSS and VRAM after each
-/free. Results: JSON + log under --out (benchmarks/results/). Run by
-benchmarks/gpu_run.sh on the GPU machine; on a CPU (tiny models) it checks itself.
+/free. `--vram WxHxF ...` records the VRAM of each stage of one staged shot per size (the
+data benchmarks/calibrate_vram.py fits the cost model on). Results: JSON + log under --out
+(benchmarks/results/). Run by benchmarks/gpu_run.sh on the GPU machine; on a CPU (tiny
+models) it checks itself.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from resource_broker.broker import Broker  # noqa: E402
 from resource_broker.gpu import GIB, GpuMonitor, NoGpuMonitor, open_monitor  # noqa: E402
 from resource_broker.llm_control import NoLLM  # noqa: E402
 from resource_broker.session import make_broker, release_comfyui_vram  # noqa: E402
-from resource_broker.timeline import VramSampler  # noqa: E402
+from resource_broker.timeline import Timeline, VramSampler  # noqa: E402
 from story_to_video.config import BrokerSettings, ComfyUISettings, Settings  # noqa: E402
 from story_to_video.engines.comfyui import ComfyUIEngine  # noqa: E402
 from story_to_video.models import Shot  # noqa: E402
@@ -299,32 +301,90 @@ def _measure(engine: ComfyUIEngine, row: Row, monitor: GpuMonitor, out: Path,
     return row
 
 
-def soak(engine: ComfyUIEngine, n: int, out: Path) -> list[dict[str, Any]]:
-    """n prompts of varying sizes; ComfyUI's RSS and the card's used VRAM after each /free."""
+def soak(engine: ComfyUIEngine, n: int, out: Path, unload_every: int,
+         rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
+    """n prompts of varying sizes, a /free after each (every `unload_every`-th also unloads
+    the models, as the broker's leak check does); ComfyUI's RSS and the card's used VRAM
+    after each. The first prompt after an unload is cold (it pays its loads)."""
     import psutil  # type: ignore[import-untyped]
 
     sizes = [(832, 480, 33), (832, 480, 81), (480, 832, 49), (1280, 720, 33), (832, 480, 17)]
     pid = getattr(engine.server, "pid", None)
     assert pid is not None, "the soak needs a ComfyUI the benchmark started"
     monitor = open_monitor(0)
-    rows = []
     clips = out / "soak"
     clips.mkdir(parents=True, exist_ok=True)
+    cold = True
     for i in range(n):
         w, h, f = sizes[i % len(sizes)]
         s = shots(1, w, h, f)[0].model_copy(update={"seed": 5000 + i})
         t = time.monotonic()
         engine.render(s, clips / f"soak{i}.mp4")
         took = time.monotonic() - t
-        engine.client.free(unload_models=True, free_memory=True)
+        unload = (i + 1) % unload_every == 0
+        engine.client.free(unload_models=unload, free_memory=True)
         time.sleep(1.0)
         rss = psutil.Process(pid).memory_info().rss / GIB
         used = monitor.read().used_bytes / GIB if monitor.available else 0.0
-        rows.append({"i": i, "size": f"{w}x{h}x{f}", "seconds": round(took, 2),
-                     "rss_gib": round(rss, 3), "vram_used_after_free_gib": round(used, 3)})
-        log.info("soak %d %s: %.1fs, RSS %.2f GiB, VRAM after /free %.2f GiB", i,
-                 rows[-1]["size"], took, rss, used)
-    return rows
+        rows.append({"i": i, "size": f"{w}x{h}x{f}", "seconds": round(took, 2), "cold": cold,
+                     "unloaded": unload, "rss_gib": round(rss, 3),
+                     "vram_used_after_free_gib": round(used, 3)})
+        # calibrate_time.py reads the cold lines ("soak i WxHxF: S s") as clips with loads
+        log.info("soak %d %s%s: %.1fs, RSS %.2f GiB, VRAM after /free%s %.2f GiB", i,
+                 rows[-1]["size"], "" if cold else " warm", took, rss,
+                 " + unload" if unload else "", used)
+        cold = unload
+        save()
+
+
+def vram_stages(engine: ComfyUIEngine, monitor: GpuMonitor, sizes: list[str], work: Path,
+                rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
+    """Per-stage VRAM of one staged shot per size (high pass, unload, low pass, decode as
+    separate prompts), sampled every 0.1 s: what calibrate_vram.py fits the cost model on.
+    Run it on the classic loader with the whole card free, so that ComfyUI neither offloads
+    nor fills the card (dynamic VRAM would)."""
+    settings = Settings(engine="comfyui", broker=BrokerSettings(strategy="staged"))
+    broker = make_broker(settings, engine, monitor, NoLLM("no LLM in this run"),
+                         work / ".calibration.json")
+    clips = work / "clips"
+    clips.mkdir(parents=True, exist_ok=True)
+    for size in sizes:
+        w, h, f = (int(x) for x in size.split("x"))
+        shot = shots(1, w, h, f)[0]
+        release_comfyui_vram(engine, monitor)
+        base = monitor.read().used_bytes / GIB
+        sampler = VramSampler(monitor, 0.1)
+        engine.broker, engine.timeline = broker, sampler.timeline
+        t0 = time.monotonic()
+        try:
+            with sampler:
+                r = engine.render(shot, clips / f"vram-{size}.mp4")
+                time.sleep(0.3)
+        except Exception as err:  # an OOM is a result too
+            rows.append({"size": size, "error": f"{type(err).__name__}: {err}"[:300]})
+            save()
+            continue
+        finally:
+            engine.broker, engine.timeline = None, None
+        rows.append({"size": size, "seconds": round(time.monotonic() - t0, 2),
+                     "base_used_gib": round(base, 3), "clip_s": round(r.seconds, 2),
+                     **stage_peaks(sampler.timeline, shot.id)})
+        log.info("vram %s: %s", size, {k: v for k, v in rows[-1].items() if k != "size"})
+        save()
+
+
+def stage_peaks(tl: Timeline, shot_id: str) -> dict[str, float]:
+    """Peak used GiB in each stage's window, and the used GiB when the decode began."""
+    marks = {label.removeprefix(f"{shot_id} "): t for t, label in tl.marks}
+    end = tl.samples[-1].t if tl.samples else 0.0
+    bounds = {"high": (marks.get("high", 0.0), marks.get("unload high", end)),
+              "low": (marks.get("low", end), marks.get("decode", end)),
+              "decode": (marks.get("decode", end), end)}
+    out = {f"{k}_peak_gib": round(tl.peak_used_gib(a, b), 3) for k, (a, b) in bounds.items()}
+    before = [s.used_gib for s in tl.samples if s.t <= marks.get("decode", end)]
+    out["before_decode_gib"] = round(before[-1], 3) if before else 0.0
+    out["marks"] = sorted(marks)  # type: ignore[assignment]
+    return out
 
 
 def parse_rows(args: argparse.Namespace) -> list[Row]:
@@ -360,6 +420,10 @@ def main() -> int:
     ap.add_argument("--llm-gib", nargs="*", type=float, default=[])
     ap.add_argument("--llm-move", nargs="+", default=["keep", "partial", "unload", "broker"])
     ap.add_argument("--soak", type=int, default=0)
+    ap.add_argument("--soak-unload-every", type=int, default=1,
+                    help="every k-th /free of the soak also unloads the models")
+    ap.add_argument("--vram", nargs="+", default=[], metavar="WxHxF",
+                    help="per-stage VRAM of one staged shot per size (classic loader)")
     ap.add_argument("--cpu", action="store_true", help="a CPU server (self-check)")
     ap.add_argument("--port", type=int, default=8390)
     ap.add_argument("--python", default=sys.executable, help="ComfyUI's Python")
@@ -382,7 +446,11 @@ def main() -> int:
         with comfyui(env, bool(args.dynamic), args.port, args.tag) as engine:
             results["server"] = engine.server_info().describe()
             if args.soak:
-                results["soak"] = soak(engine, args.soak, args.out / "clips")
+                soak(engine, args.soak, args.out / "clips", args.soak_unload_every,
+                     results.setdefault("soak", []), lambda: write(args, results))
+            elif args.vram:
+                vram_stages(engine, monitor, args.vram, args.work,
+                            results.setdefault("vram", []), lambda: write(args, results))
             else:
                 warm = Row(args.free, bool(args.dynamic), 832 if not args.cpu else 128,
                            480 if not args.cpu else 128, 17 if not args.cpu else 5, "4",
