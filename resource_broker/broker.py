@@ -126,6 +126,8 @@ class Broker:
         if not self.acts or measured_peak_gib <= 0:
             return
         c = self.cost.shot(p.frames, p.width, p.height)
+        if c.activations <= self.cost.calibration.act_floor:
+            return  # a shot under the floor says nothing about the per-token figure
         fixed = p.peak_gib * GIB - c.activations
         measured_act = int(measured_peak_gib * GIB - fixed)
         self.cost.calibration.refine("act", c.activations, max(measured_act, 1))

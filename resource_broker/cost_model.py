@@ -81,6 +81,10 @@ class Calibration:
 
     act_scale: float = 1.0
     act_base: int = 0
+    # What a sampling stage takes above its weights however small the shot: measured on real
+    # ComfyUI (benchmarks/calibrate_vram.py), about 5 GiB that the anchors' per-token figure
+    # misses below ~50k tokens (load-time temporaries the allocator keeps).
+    act_floor: int = 0
     vae_scale: float = 1.0
     vae_base: int = 0
     samples: int = 0
@@ -171,8 +175,9 @@ class CostModel:
         return ShotCost(
             model=s.name, frames=frames, width=width, height=height, tokens=n,
             expert=s.expert_bytes,
-            activations=int(self.calibration.act_base
-                            + n * s.act_bytes_per_token * self.calibration.act_scale),
+            activations=max(self.calibration.act_floor, int(
+                self.calibration.act_base
+                + n * s.act_bytes_per_token * self.calibration.act_scale)),
             vae_weights=s.vae_weight_bytes,
             decode_full=int(self.calibration.vae_base
                             + pf * s.vae_bytes_per_pixel_frame * self.calibration.vae_scale),

@@ -152,6 +152,25 @@ def test_calibration_fits_measured_points() -> None:
     assert m.shot(121, 832, 480).activations / GIB == pytest.approx(6.2, rel=0.01)
 
 
+def test_activation_floor_from_real_comfyui_applies_below_it_only() -> None:
+    """The H100 calibration (benchmarks/calibrate_vram.py): small shots take the floor, big
+    ones the per-token figure; a shot under the floor teaches the per-token scale nothing."""
+    cal = Calibration.load(Path(__file__).parents[1] / "benchmarks" / "results"
+                           / "vram-calibration-h100.json")
+    assert 5.0 * GIB < cal.act_floor < 6.0 * GIB
+    m = CostModel(M14.spec, cal)
+    assert m.shot(33, 832, 480).activations == m.shot(81, 832, 480).activations == cal.act_floor
+    assert m.shot(161, 832, 480).activations / GIB == pytest.approx(6.75, abs=0.05)
+    b = Broker(ScriptedMonitor(80, [40.0]), m, budget_gib=32.0, margin_gib=1.0,
+               strategy="broker")
+    p = b.plan(33, 832, 480)
+    b.learn(p, p.peak_gib + 3.0)
+    assert m.calibration.act_scale == 1.0
+    p = b.plan(161, 832, 480)
+    b.learn(p, p.peak_gib + 1.0)
+    assert m.calibration.act_scale > 1.0
+
+
 def broker(monitor: Any, **kw: Any) -> Broker:
     """A broker with its own cost model: brokers learn, tests must not share what they learn."""
     kw.setdefault("strategy", "broker")  # the broker's own VRAM plan, whose mechanics these test

@@ -1,0 +1,109 @@
+"""Calibrate the broker's VRAM cost model on real ComfyUI and print its error on held-out sizes.
+
+Input: `benchmarks/comfyui_gpu.py --vram` runs (`benchmarks/results/vram-*.json`): one staged
+shot per size on ComfyUI's classic loader with the whole card free, the card's used VRAM
+sampled every 0.1 s. The stage fitted is the low-noise pass: it runs after a /free that
+unloaded everything, so its peak is the card's idle use, one expert and the activations (the
+high-noise pass also holds the text encoder, which ComfyUI evicts under pressure; the decode
+runs inside memory the allocator kept from the passes, so the card does not show it).
+
+The model: peak = idle + expert + max(floor, per-token anchor x tokens). The floor is fitted
+on the training sizes (the median of what they took above their weights); the per-token
+figure keeps the anchors' 0.108 MiB unless training sizes above the floor say otherwise.
+Held-out sizes are predicted, not fitted. `--out` writes the calibration where a run reads
+it (`<output>/.calibration.json`).
+
+    python benchmarks/calibrate_vram.py --hold-out 832x480x161 1280x720x81
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from resource_broker.cost_model import GIB, Calibration, CostModel  # noqa: E402
+
+Point = tuple[str, int, float, float]  # size, tokens, idle GiB, measured low-pass peak GiB
+
+
+def points(results: Path, model: CostModel) -> list[Point]:
+    found = []
+    for path in sorted(results.glob("vram-*.json")):
+        for r in json.loads(path.read_text()).get("vram", []):
+            if r.get("error") or not r.get("low_peak_gib"):
+                continue
+            w, h, f = (int(x) for x in r["size"].split("x"))
+            found.append((r["size"], model.shot(f, w, h).tokens, r["base_used_gib"],
+                          r["low_peak_gib"]))
+    return found
+
+
+def predict(model: CostModel, size: str, idle: float) -> float:
+    w, h, f = (int(x) for x in size.split("x"))
+    c = model.shot(f, w, h)
+    return idle + (c.expert + c.activations) / GIB
+
+
+def fit(anchors: CostModel, train: list[Point]) -> Calibration:
+    """Floor: the median of the training sizes' activations as measured. The per-token scale
+    moves only on training sizes whose measured activations lie above that floor."""
+    measured = {size: peak - idle - anchors.spec.expert_bytes / GIB
+                for size, _n, idle, peak in train}
+    cal = Calibration(act_floor=int(statistics.median(measured.values()) * GIB))
+    above = [(n, int(measured[size] * GIB)) for size, n, _i, _p in train
+             if measured[size] * GIB > cal.act_floor
+             and n * anchors.spec.act_bytes_per_token > cal.act_floor]
+    if above:
+        cal.fit("act", [(float(n), b) for n, b in above], anchors.spec.act_bytes_per_token)
+    cal.samples = len(train)
+    return cal
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--model", default="wan2.2-14b")
+    ap.add_argument("--hold-out", nargs="+", default=["832x480x161", "1280x720x81"],
+                    help="sizes WxHxF predicted, not fitted")
+    ap.add_argument("--out", type=Path, help="write the calibration (JSON)")
+    args = ap.parse_args()
+
+    anchors = CostModel.for_model(args.model)
+    data = points(args.results, anchors)
+    if not data:
+        raise SystemExit(f"no vram-*.json rows in {args.results}: run comfyui_gpu.py --vram")
+    train = [p for p in data if p[0] not in args.hold_out]
+    if not train:
+        raise SystemExit("every measured size is held out: nothing to fit on")
+    cal = fit(anchors, train)
+    tuned = CostModel.for_model(args.model, cal)
+    print(f"fitted on {len(train)} sizes: floor {cal.act_floor / GIB:.2f} GiB above the "
+          f"weights, per-token x{cal.act_scale:.2f} of the anchors' "
+          f"{anchors.spec.act_bytes_per_token / 2**20:.3f} MiB, base "
+          f"{cal.act_base / GIB:.2f} GiB")
+    print("\nsize          tokens  held out  measured GiB  anchors GiB  error  calibrated GiB"
+          "  error")
+    errors: dict[bool, list[float]] = {True: [], False: []}
+    for size, n, idle, peak in data:
+        a, c = predict(anchors, size, idle), predict(tuned, size, idle)
+        out = size in args.hold_out
+        errors[out].append(abs(c - peak) / peak)
+        print(f"{size:12}  {n:6}  {'yes' if out else 'no':8}  {peak:12.2f}  {a:11.2f}  "
+              f"{100 * (a - peak) / peak:+5.1f}%  {c:14.2f}  {100 * (c - peak) / peak:+5.1f}%")
+    for out in (False, True):
+        if errors[out]:
+            print(f"mean abs error, {'held-out' if out else 'training'} sizes: "
+                  f"{100 * sum(errors[out]) / len(errors[out]):.1f}%")
+    if args.out:
+        cal.save(args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
