@@ -44,7 +44,8 @@ def cold_clips(results: Path) -> dict[Size, list[float]]:
     return found
 
 
-def warm_clips(results: Path) -> dict[Size, list[float]]:
+def warm_clips(results: Path, free_gib: float | None = 32.0) -> dict[Size, list[float]]:
+    """Warm one-prompt clips with `free_gib` free (None: with less than 32 GiB free)."""
     found: dict[Size, list[float]] = defaultdict(list)
     for path in sorted(results.glob("*.json")):
         try:
@@ -55,7 +56,8 @@ def warm_clips(results: Path) -> dict[Size, list[float]]:
             if (r.get("strategy") in ("comfyui-alone", "one-prompt", "auto")
                     and r.get("dynamic") == 1 and not r.get("llm_gib")
                     and r.get("steps") == "4" and not r.get("error")
-                    and r.get("free_gib") == 32.0):
+                    and (r.get("free_gib") == free_gib if free_gib is not None
+                         else r.get("free_gib", 32.0) < 32.0)):
                 found[(r["width"], r["height"], r["frames"])] += r["clip_s"][1:]
     return found
 
@@ -129,6 +131,13 @@ def main() -> None:
         if errors[out]:
             print(f"mean abs error, {'held-out' if out else 'training'} sizes: "
                   f"{100 * sum(errors[out]) / len(errors[out]):.1f}%")
+    squeezed = warm_clips(args.results, None)
+    if squeezed:
+        print("\nnot fitted, less than 32 GiB free (ComfyUI streams part of the weights):")
+        for size, ys in sorted(squeezed.items()):
+            y, c = sum(ys) / len(ys), predict(tm, size, False)
+            print(f"{'x'.join(map(str, size)):12}  {len(ys):5}  warm  {y:10.1f}  "
+                  f"calibrated {c:.1f}  {100 * (c - y) / y:+5.0f}%")
     if args.out:
         tm.save(args.out)
         print(f"wrote {args.out}")
