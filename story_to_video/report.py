@@ -138,11 +138,12 @@ def vram_rows(records: list[dict[str, Any]], sep: str = ", ") -> list[dict[str, 
     rows = []
     for r in records:
         vram = (r.get("details") or {}).get("vram") or {}
+        unmeasured = "not measured" if vram.get("predicted_peak_gib") is not None else ""
         rows.append({
             "shot": r["shot_id"],
             "predicted peak GiB": _num(vram.get("predicted_peak_gib")),
-            "measured peak GiB": _num(vram.get("measured_peak_gib")),
-            "min free GiB": _num(vram.get("min_free_gib")),
+            "measured peak GiB": _num(vram.get("measured_peak_gib")) or unmeasured,
+            "min free GiB": _num(vram.get("min_free_gib")) or unmeasured,
             "broker actions": _actions(vram, sep),
             "render s": _num(r.get("seconds")),
         })

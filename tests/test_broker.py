@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from resource_broker.cost_model import GIB, Calibration, CostModel, latent_frame
 from resource_broker.gpu import GpuReading, GpuUnavailable, NoGpuMonitor, open_monitor
 from resource_broker.llm_control import NoLLM, UncontrolledLLM
 from resource_broker.policy import BudgetTooSmall, plan_shot
-from resource_broker.timeline import VramSampler
+from resource_broker.timeline import Sample, Timeline, VramSampler
 from story_to_video.engines.comfyui import (
     AttachedComfyUI,
     BoundWorkflow,
@@ -300,6 +301,21 @@ def test_single_prompt_when_both_experts_fit(fake: FakeComfyUI, tmp_path: Path) 
     result = e.render(shot(33), tmp_path / "c.mp4")
     assert len(fake.prompts) == 1
     assert result.details["vram"]["plan"]["decisions"][1]["action"] == "keep-both-experts"
+
+
+def test_a_shot_without_a_vram_reading_records_none(fake: FakeComfyUI, tmp_path: Path) -> None:
+    """Readings from before the shot are not its peak: with none inside the shot, the record
+    has no measured peak (the report says "not measured") and the broker learns nothing."""
+    e = ComfyUIEngine(ComfyUIClient(fake.url), BoundWorkflow.load(
+        workflows.binding_path("wan22_14b_t2v")), AttachedComfyUI(fake.url))
+    e.broker = broker(ScriptedMonitor(80, [40.0]))
+    e.timeline = Timeline(samples=[Sample(0.0, 2.0, 78.0, "system_stats")], t0=time.monotonic())
+    vram = e.render(shot(33), tmp_path / "c.mp4").details["vram"]
+    assert "measured_peak_gib" not in vram and "min_free_gib" not in vram
+    assert e.broker.cost.calibration.samples == 0
+    e.timeline.samples.append(Sample(1e9, 30.0, 50.0, "nvml"))  # a reading inside the shot
+    vram = e.render(shot(33).model_copy(update={"seed": 9}), tmp_path / "d.mp4").details["vram"]
+    assert (vram["measured_peak_gib"], vram["min_free_gib"]) == (30.0, 50.0)
 
 
 def test_llm_controls() -> None:

@@ -63,6 +63,8 @@ def test_vram_rows_are_blank_where_nothing_was_measured() -> None:
     assert rows[0] == {"shot": "s01_sh01", "predicted peak GiB": "", "measured peak GiB": "",
                        "min free GiB": "", "broker actions": "", "render s": "0.51"}
     assert rows[1]["predicted peak GiB"] == "19.42"
+    # predicted but no reading (a shot shorter than the sampling interval): said, never 0.00
+    assert (rows[1]["measured peak GiB"], rows[1]["min free GiB"]) == ("not measured",) * 2
     assert rows[1]["broker actions"] == "unload-high-before-low, decode-full"
     two = record(plan, 1, {"actions": [{"action": "a"}, {"action": "b"}]})
     assert vram_rows([two], sep="  \n")[0]["broker actions"] == "a  \nb"  # UI: one a line

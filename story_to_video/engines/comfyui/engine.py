@@ -666,8 +666,9 @@ class ComfyUIEngine:
                                "plan": plan.to_json(),
                                "actions": [e.to_json() for e in self.broker.events
                                            if e.shot_id == shot_id]}
-        if self.timeline is not None and self.timeline.samples:
-            start = t_start - self.timeline.t0
+        start = t_start - (self.timeline.t0 if self.timeline is not None else 0.0)
+        # a shot shorter than the sampling interval has no reading: not measured, never 0.00
+        if self.timeline is not None and self.timeline.window(start, float("inf")):
             rec["measured_peak_gib"] = round(self.timeline.peak_used_gib(start), 2)
             rec["min_free_gib"] = round(self.timeline.min_free_gib(start), 2)
             self.broker.learn(plan, rec["measured_peak_gib"])
