@@ -18,6 +18,7 @@ from .policy import (
     BudgetTooSmall,
     Decision,
     keyframe_peak_gib,
+    pass_major_case,
     plan_keyframe,
     plan_shot,
 )
@@ -165,19 +166,14 @@ class Broker:
 
     # -- LLM placement ---------------------------------------------------------------------
     def pass_major_pays(self, shots: int, frames: int, width: int, height: int) -> bool:
-        """Batch the shots pass by pass? Measured to win only on ComfyUI's classic loader
-        when both experts do not fit together (each shot would reload both): 1.32x faster
-        at 32 GiB free, 1.06x at 14. Dynamic VRAM keeps the experts between one-prompt shots
-        (pass-major 1.04x slower there). Logged with the numbers."""
+        """Batch the shots pass by pass? Only where measured to win (policy.MEASURED): the
+        classic loader when both experts do not fit together. Logged with the numbers."""
         c = self.cost.shot(frames, width, height)
-        both = self.cost.spec.experts * c.expert + c.activations + c.context
-        budget = int(self.budget_gib * GIB)
-        pays = (self.memory_mode == "estimate" and self.strategy == "auto" and shots >= 2
-                and self.cost.spec.experts == 2 and both + int(self.margin_gib * GIB) > budget)
+        pays, why = pass_major_case(c, self.cost.spec.experts, memory_mode=self.memory_mode,
+                                    strategy=self.strategy, shots=shots,
+                                    budget_gib=self.budget_gib, margin_gib=self.margin_gib)
         if pays:  # clip by clip is the default: only a change of course is news
-            why = (f"classic loader, both experts + activations need {both / GIB:.2f} GiB + "
-                   f"{self.margin_gib:g} GiB margin > {self.budget_gib:.2f} GiB: each expert "
-                   "once per batch")
+            both = self.cost.spec.experts * c.expert + c.activations + c.context
             self.record(BrokerEvent("batch", "pass-major", both / GIB, self.free_gib(), why,
                                     "planned"))
         return pays

@@ -90,15 +90,57 @@ class BrokerPlan:
 MEMORY_MODES = ("estimate", "dynamic", "cpu")
 STRATEGIES = ("auto", "one-prompt", "staged", "broker")
 
-# Measured on an H100 with real ComfyUI 0.33 (benchmarks/comfyui_gpu.py, 81 frames 832x480,
-# 3-shot batches; seconds per clip, ratio to the best of the row):
-#   dynamic VRAM, 32 GiB free: one prompt 25.2 (1.00), pass-major 1.04, staged 1.52
-#   classic loader, 32 GiB:    pass-major 25.8 (1.00), one prompt 1.32, staged 1.47
-#   classic loader, 14 GiB:    pass-major 27.0 (1.00), one prompt 1.06, staged (block swap
-#                              plan) 1.54
+# Seconds per clip against the best strategy of the row, measured on an H100 with real
+# ComfyUI 0.33 (benchmarks/comfyui_gpu.py, 832x480, 4 steps, 3-shot batches; JSON in
+# benchmarks/results/). Every reason the broker gives quotes this one table.
+MEASURED: dict[str, dict[str, float]] = {
+    "dynamic, 32 GiB free": {"one-prompt": 1.00, "pass-major": 1.04, "staged": 1.52},
+    "dynamic, 14 GiB free": {"one-prompt": 1.00, "pass-major": 1.07},
+    "dynamic, 20 GiB free, 161 frames": {"one-prompt": 1.00, "pass-major": 1.05},
+    "classic, 32 GiB free": {"pass-major": 1.00, "one-prompt": 1.32, "staged": 1.47},
+    "classic, 14 GiB free": {"pass-major": 1.00, "one-prompt": 1.06, "staged": 1.54},
+}
 # So a shot is one prompt and ComfyUI places the experts; batches go pass by pass on the
-# classic loader only (resource_broker.broker.Broker.pass_major_pays).
-MEASURED = "benchmarks/results/*-81.json"
+# classic loader only, when both experts do not fit (pass_major_case).
+
+
+def measured(row: str, strategy: str, than: str) -> str:
+    """'1.52x' style: how much slower `strategy` was than `than` on a measured row."""
+    r = MEASURED[row]
+    return f"{r[strategy] / r[than]:.2f}x"
+
+
+def pass_major_case(cost: ShotCost, experts: int, *, memory_mode: str, strategy: str,
+                    shots: int, budget_gib: float, margin_gib: float) -> tuple[bool, str]:
+    """Batch the shots pass by pass? Measured to win only on ComfyUI's classic loader when
+    both experts do not fit together (each shot would reload both). Returns the answer and
+    the measured case behind it, with the numbers."""
+    both = experts * cost.expert + cost.activations + cost.context
+    if memory_mode == "cpu":
+        return False, "ComfyUI on the CPU: no VRAM to manage, the broker only logs"
+    if strategy != "auto":
+        return False, (f"strategy {strategy} forced by the setting; auto would follow the "
+                       "measurements")
+    if memory_mode == "dynamic":
+        return False, ("dynamic VRAM: one prompt per shot, ComfyUI keeps the experts between "
+                       "shots and sizes the decode (measured: staged "
+                       f"{measured('dynamic, 32 GiB free', 'staged', 'one-prompt')}, "
+                       "pass-major "
+                       f"{measured('dynamic, 32 GiB free', 'pass-major', 'one-prompt')} to "
+                       f"{measured('dynamic, 14 GiB free', 'pass-major', 'one-prompt')} "
+                       "slower); the broker's work is the LLM beside it")
+    if experts == 2 and shots >= 2 and both + margin_gib * GIB > budget_gib * GIB:
+        return True, (f"classic loader, both experts + activations need {both / GIB:.2f} GiB "
+                      f"+ {margin_gib:g} GiB margin > {budget_gib:.2f} GiB: {shots} shots "
+                      "pass by pass, each expert loaded once (measured "
+                      f"{measured('classic, 32 GiB free', 'one-prompt', 'pass-major')} faster "
+                      "than one prompt per shot at 32 GiB free, "
+                      f"{measured('classic, 14 GiB free', 'one-prompt', 'pass-major')} at 14)")
+    return False, ("classic loader: one prompt per shot, ComfyUI loads what fits (measured "
+                   "faster than the staged split: "
+                   f"{measured('classic, 32 GiB free', 'staged', 'one-prompt')} at 32 GiB, "
+                   f"{measured('classic, 14 GiB free', 'staged', 'one-prompt')} at 14); the "
+                   "broker sizes the decode")
 
 
 def plan_shot(model: CostModel, frames: int, width: int, height: int, *, budget_gib: float,
@@ -159,11 +201,15 @@ def _managed(model: CostModel, c: ShotCost, usable: int, margin: int, memory_mod
                    max(usable - c.activations - c.context - margin, 0))
     peak = resident + c.activations + c.context
     why = {"dynamic": "ComfyUI's dynamic VRAM streams the experts and keeps them between "
-                      "shots; measured 1.52x faster than a staged split at 32 GiB free",
+                      "shots; measured "
+                      f"{measured('dynamic, 32 GiB free', 'staged', 'one-prompt')} faster "
+                      "than a staged split at 32 GiB free",
            "cpu": "ComfyUI runs on the CPU: no VRAM to manage",
            "estimate": "ComfyUI's classic loader loads what fits and offloads the rest; "
-                       "measured 1.11x (32 GiB free) to 1.46x (14 GiB) faster than the "
-                       "broker's staged split"}[memory_mode]
+                       "measured "
+                       f"{measured('classic, 32 GiB free', 'staged', 'one-prompt')} (32 GiB "
+                       f"free) to {measured('classic, 14 GiB free', 'staged', 'one-prompt')} "
+                       "(14 GiB) faster than the broker's staged split"}[memory_mode]
     if strategy == "one-prompt":
         why = "one prompt per shot, forced by broker.strategy; " + why
     out.append(Decision("experts", "one-prompt", gib(peak), gib(usable), why,

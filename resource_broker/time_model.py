@@ -40,7 +40,7 @@ class EngineProfile:
     forwards_per_step: int = 1  # 2 with CFG > 1
     offload: bool = False  # weights offloaded (block swap): slower steps
     # ComfyUI's dynamic VRAM (0.33's default) keeps the experts between one-prompt shots:
-    # pass by pass saves nothing there (measured 1.04x slower, benchmarks/comfyui_gpu.py).
+    # pass by pass saves nothing there (1.04x to 1.07x slower: policy.MEASURED).
     dynamic_vram: bool = False
 
     @property

@@ -508,7 +508,7 @@ def broker_plan(
     from pydantic import ValidationError
 
     from resource_broker.cost_model import CostModel
-    from resource_broker.policy import plan_shot
+    from resource_broker.policy import pass_major_case, plan_shot
 
     from .models import Shot
 
@@ -527,7 +527,11 @@ def broker_plan(
         return
     typer.echo(f"{model}: {frames} frames at {width}x{height}, budget {budget_gib} GiB "
                f"(margin {margin_gib}), LLM {llm_gib} GiB")
-    typer.echo("case: " + broker_case(memory_mode, strategy, result, shots, budget_gib))
+    cost = CostModel.for_model(model)
+    case = pass_major_case(cost.shot(frames, width, height), cost.spec.experts,
+                           memory_mode=memory_mode, strategy=strategy, shots=shots,
+                           budget_gib=budget_gib, margin_gib=margin_gib)[1]
+    typer.echo("case: " + case)
     typer.echo("cost (GiB): " + ", ".join(f"{k} {v}" for k, v in result.cost.items()))
     typer.echo("predicted peak per stage (GiB): " + ", ".join(
         f"{k} {v}" for k, v in result.stage_peaks_gib.items()) + f"; peak {result.peak_gib}")
@@ -535,26 +539,6 @@ def broker_plan(
         extra = f" {d.params}" if d.params else ""
         typer.echo(f"  {d.stage:8} {d.action:26} need {d.predicted_gib:6.2f} GiB of "
                    f"{d.available_gib:6.2f}: {d.reason}{extra}")
-
-
-def broker_case(memory_mode: str, strategy: str, p: Any, shots: int, budget_gib: float) -> str:
-    """One line: which measured case applies (README, GPU broker) and what follows."""
-    if memory_mode == "cpu":
-        return "ComfyUI on the CPU: no VRAM to manage, the broker only logs"
-    if strategy != "auto":
-        return f"strategy {strategy} forced by the setting; auto would follow the measurements"
-    both = 2 * p.cost["expert"] + p.cost["activations"] + p.cost["context"]
-    if memory_mode == "dynamic":
-        return ("dynamic VRAM: one prompt per shot, ComfyUI keeps the experts between shots "
-                "and sizes the decode (measured: staged 1.52x, pass-major 1.04x slower); the "
-                "broker's work is the LLM beside it")
-    if shots >= 2 and both + p.margin_gib > budget_gib:
-        return (f"classic loader, both experts need {both:.2f} GiB + {p.margin_gib:g} margin "
-                f"> {budget_gib:g}: "
-                f"{shots} shots pass by pass, each expert loaded once (measured 1.32x faster "
-                "than one prompt per shot at 32 GiB, 1.06x at 14)")
-    return ("classic loader: one prompt per shot, ComfyUI loads what fits (measured faster "
-            "than the staged split: 1.11x at 32 GiB, 1.46x at 14); the broker sizes the decode")
 
 
 # Prefect's temporary server (a run without PREFECT_API_URL) must not print failures that are

@@ -403,7 +403,11 @@ def test_broker_plan_says_which_measured_case_applies() -> None:
     dyn = CliRunner().invoke(app, base)
     assert dyn.exit_code == 0 and "case: dynamic VRAM: one prompt per shot" in dyn.output
     old = CliRunner().invoke(app, [*base, "--memory-mode", "estimate", "--shots", "3"])
-    assert "case: classic loader, both experts need 31.15 GiB + 1 margin > 32: 3 shots pass " \
-        "by pass" in old.output
+    assert ("case: classic loader, both experts + activations need 31.15 GiB + 1 GiB margin > "
+            "32.00 GiB: 3 shots pass by pass, each expert loaded once (measured 1.32x faster"
+            in old.output)
+    one = CliRunner().invoke(app, [*base, "--memory-mode", "estimate", "--shots", "1"])
+    assert "case: classic loader: one prompt per shot" in one.output
+    assert "(measured: staged 1.52x, pass-major 1.04x to 1.07x slower)" in dyn.output
     bad = CliRunner().invoke(app, [*base, "--strategy", "fastest"])
     assert bad.exit_code == 2 and "strategy must be one of" in bad.output
