@@ -92,6 +92,14 @@ def predict(tm: TimeModel, size: Size, cold: bool) -> float:
     return sum(parts(tm, size, cold))
 
 
+def print_mean_errors(errors: dict[bool, list[float]]) -> None:
+    """errors[held_out]: relative errors of the training (False) and held-out (True) sizes."""
+    for out in (False, True):
+        if errors[out]:
+            print(f"mean abs error, {'held-out' if out else 'training'} sizes: "
+                  f"{100 * sum(errors[out]) / len(errors[out]):.1f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -127,10 +135,7 @@ def main() -> None:
         print(f"{'x'.join(map(str, size)):12}  {len(ys):5}  {'cold' if cold else 'warm':4}  "
               f"{'yes' if out else 'no':8}  {y:10.1f}  {a:9.1f}  {100 * (a - y) / y:+5.0f}%  "
               f"{c:12.1f}  {100 * (c - y) / y:+5.0f}%")
-    for out in (False, True):
-        if errors[out]:
-            print(f"mean abs error, {'held-out' if out else 'training'} sizes: "
-                  f"{100 * sum(errors[out]) / len(errors[out]):.1f}%")
+    print_mean_errors(errors)
     squeezed = warm_clips(args.results, None)
     if squeezed:
         print("\nnot fitted, less than 32 GiB free (ComfyUI streams part of the weights):")

@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.calibrate_time import print_mean_errors  # noqa: E402
 from resource_broker.cost_model import GIB, Calibration, CostModel  # noqa: E402
 
 Point = tuple[str, int, float, float]  # size, tokens, idle GiB, measured low-pass peak GiB
@@ -96,10 +97,7 @@ def main() -> None:
         errors[out].append(abs(c - peak) / peak)
         print(f"{size:12}  {n:6}  {'yes' if out else 'no':8}  {peak:12.2f}  {a:11.2f}  "
               f"{100 * (a - peak) / peak:+5.1f}%  {c:14.2f}  {100 * (c - peak) / peak:+5.1f}%")
-    for out in (False, True):
-        if errors[out]:
-            print(f"mean abs error, {'held-out' if out else 'training'} sizes: "
-                  f"{100 * sum(errors[out]) / len(errors[out]):.1f}%")
+    print_mean_errors(errors)
     if args.out:
         cal.save(args.out)
         print(f"wrote {args.out}")

@@ -31,8 +31,7 @@ case "${1:-}" in
   collect)
     end=$(( $(date +%s) + $2 ))
     while [ ! -f $R/done ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
-    tail -n 40 $R/session.log
-    grep -h "gpu-bench" $R/*.log 2>/dev/null | grep -v "HTTP Request" | tail -n 60
+    grep -v "HTTP Request" $R/session.log | tail -n 60  # every step's output, once
     tar -C $R --exclude=clips -czf "$3/results.tar.gz" .
     ;;
   *) echo "usage: $0 start STEPS | collect SECONDS OUT" >&2; exit 2 ;;

@@ -17,6 +17,7 @@ from .policy import (
     BrokerPlan,
     BudgetTooSmall,
     Decision,
+    all_experts_peak,
     keyframe_peak_gib,
     pass_major_case,
     plan_keyframe,
@@ -173,7 +174,7 @@ class Broker:
                                     strategy=self.strategy, shots=shots,
                                     budget_gib=self.budget_gib, margin_gib=self.margin_gib)
         if pays:  # clip by clip is the default: only a change of course is news
-            both = self.cost.spec.experts * c.expert + c.activations + c.context
+            both = all_experts_peak(c, self.cost.spec.experts)
             self.record(BrokerEvent("batch", "pass-major", both / GIB, self.free_gib(), why,
                                     "planned"))
         return pays

@@ -110,12 +110,17 @@ def measured(row: str, strategy: str, than: str) -> str:
     return f"{r[strategy] / r[than]:.2f}x"
 
 
+def all_experts_peak(c: ShotCost, experts: int) -> int:
+    """Bytes of a sampling stage with every expert resident: weights, activations, context."""
+    return experts * c.expert + c.activations + c.context
+
+
 def pass_major_case(cost: ShotCost, experts: int, *, memory_mode: str, strategy: str,
                     shots: int, budget_gib: float, margin_gib: float) -> tuple[bool, str]:
     """Batch the shots pass by pass? Measured to win only on ComfyUI's classic loader when
     both experts do not fit together (each shot would reload both). Returns the answer and
     the measured case behind it, with the numbers."""
-    both = experts * cost.expert + cost.activations + cost.context
+    both = all_experts_peak(cost, experts)
     if memory_mode == "cpu":
         return False, "ComfyUI on the CPU: no VRAM to manage, the broker only logs"
     if strategy != "auto":
@@ -232,7 +237,7 @@ def _floor(model: CostModel, c: ShotCost, usable: int, margin: int, memory_mode:
 def _experts(model: CostModel, c: ShotCost, usable: int, margin: int,
              out: list[Decision]) -> tuple[int, int]:
     """Returns (expert bytes left resident after sampling, peak of the sampling stages)."""
-    both = model.spec.experts * c.expert + c.activations + c.context
+    both = all_experts_peak(c, model.spec.experts)
     one = c.expert + c.activations + c.context
     if model.spec.experts == 2 and both + margin <= usable:
         out.append(Decision("experts", "keep-both-experts", gib(both), gib(usable),

@@ -515,7 +515,8 @@ def broker_plan(
     try:
         Shot(id="s01_sh01", scene_index=0, shot_index=0, action="-", prompt="-",
              frames=frames, fps=16, width=width, height=height, seed=0)
-        result = plan_shot(CostModel.for_model(model), frames, width, height,
+        cost = CostModel.for_model(model)
+        result = plan_shot(cost, frames, width, height,
                            budget_gib=budget_gib, margin_gib=margin_gib, llm_gib=llm_gib,
                            memory_mode=memory_mode, strategy=strategy)
     except ValidationError as err:
@@ -527,7 +528,6 @@ def broker_plan(
         return
     typer.echo(f"{model}: {frames} frames at {width}x{height}, budget {budget_gib} GiB "
                f"(margin {margin_gib}), LLM {llm_gib} GiB")
-    cost = CostModel.for_model(model)
     case = pass_major_case(cost.shot(frames, width, height), cost.spec.experts,
                            memory_mode=memory_mode, strategy=strategy, shots=shots,
                            budget_gib=budget_gib, margin_gib=margin_gib)[1]

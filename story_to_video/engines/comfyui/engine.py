@@ -666,11 +666,11 @@ class ComfyUIEngine:
                                "plan": plan.to_json(),
                                "actions": [e.to_json() for e in self.broker.events
                                            if e.shot_id == shot_id]}
-        start = t_start - (self.timeline.t0 if self.timeline is not None else 0.0)
+        tl = self.timeline
         # a shot shorter than the sampling interval has no reading: not measured, never 0.00
-        if self.timeline is not None and self.timeline.window(start, float("inf")):
-            rec["measured_peak_gib"] = round(self.timeline.peak_used_gib(start), 2)
-            rec["min_free_gib"] = round(self.timeline.min_free_gib(start), 2)
+        if tl is not None and tl.window(t_start - tl.t0, float("inf")):
+            rec["measured_peak_gib"] = round(tl.peak_used_gib(t_start - tl.t0), 2)
+            rec["min_free_gib"] = round(tl.min_free_gib(t_start - tl.t0), 2)
             self.broker.learn(plan, rec["measured_peak_gib"])
         return rec
 
