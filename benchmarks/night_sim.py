@@ -411,6 +411,7 @@ class SimNight:
             llm: LLMControl | None) -> Iterator[GpuSession]:
         broker = Broker(SimMonitor(self.w, self.engine_), CostModel.for_model("wan2.2-14b"),
                         budget_gib=self.w.truth.card_gib, llm=llm)
+        broker.sleep = lambda s: self.w.spend(s, "leak check", busy=False)  # virtual clock
         self.engine_.broker = broker
         yield GpuSession(broker, VramSampler(NoGpuMonitor("simulated")))
 

@@ -4,7 +4,6 @@ built for it. Free of Prefect, so that the GPU benchmark drives the same code as
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from story_to_video.config import Settings
@@ -13,7 +12,7 @@ from story_to_video.engines.comfyui.server_info import ServerInfo
 
 from .broker import Broker
 from .cost_model import Calibration, CostModel
-from .gpu import GIB, GpuMonitor
+from .gpu import GpuMonitor, settled_free_gib
 from .llm_control import LLMControl
 
 log = logging.getLogger("resource_broker.session")
@@ -64,12 +63,4 @@ def release_comfyui_vram(engine: ComfyUIEngine, monitor: GpuMonitor,
     engine.client.free(unload_models=True, free_memory=True)
     if not monitor.available:
         return 0.0
-    time.sleep(1.5)  # ComfyUI's prompt worker picks the flags up within a second when idle
-    last, deadline = monitor.read().free_bytes, time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        now = monitor.read().free_bytes
-        if now <= last + (64 << 20):  # stopped rising
-            return now / GIB
-        last = now
-    return last / GIB
+    return settled_free_gib(monitor, timeout_s=timeout_s)
