@@ -1,8 +1,8 @@
 """Calibrate the night's time model on real ComfyUI clips and print its error on held-out sizes.
 
 Input: what `benchmarks/comfyui_gpu.py` measured on the GPU machine (`benchmarks/results/`):
-- cold clips: the soak's prompts (log lines "soak i WxHxF: S s"), each after a /free with
-  unload, so each pays its model loads, encode, sampling, decode and the prompt's overhead;
+- cold clips: the soak's prompts after a /free (log lines "soak i WxHxF: S s"), each
+  paying its model loads, encode, sampling, decode and the prompt's overhead;
 - warm clips: clips 2 and 3 of the one-prompt batches with ComfyUI's dynamic VRAM and no
   LLM beside it, models kept from the clip before.
 The fit: three factors of the time model by least squares on the training sizes, `load`
@@ -31,7 +31,10 @@ sys.path.insert(0, str(ROOT))
 from resource_broker.time_model import EngineProfile, TimeModel  # noqa: E402
 
 PROFILE = EngineProfile("comfyui", "wan2.2-14b", steps=(2, 2))  # the benchmark's 4 steps
-SOAK = re.compile(r"soak \d+ (\d+)x(\d+)x(\d+): ([\d.]+)s")
+# " warm": soak30-keep.log's label for prompts after a /free without unload, which were cold
+# all the same (ComfyUI 0.33 unloads on any /free with free_memory); the soak now sends none
+# between its unloads and says "models kept" of the prompts that really kept them.
+SOAK = re.compile(r"soak \d+ (\d+)x(\d+)x(\d+)(?: warm)?: ([\d.]+)s")
 Size = tuple[int, int, int]  # width, height, frames
 
 

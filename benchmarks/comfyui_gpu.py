@@ -40,7 +40,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from resource_broker.broker import Broker  # noqa: E402
-from resource_broker.gpu import GIB, GpuMonitor, NoGpuMonitor, open_monitor  # noqa: E402
+from resource_broker.gpu import (  # noqa: E402
+    GIB,
+    GpuMonitor,
+    NoGpuMonitor,
+    open_monitor,
+    settled_free_gib,
+)
 from resource_broker.llm_control import NoLLM  # noqa: E402
 from resource_broker.session import make_broker, release_comfyui_vram  # noqa: E402
 from resource_broker.timeline import Timeline, VramSampler  # noqa: E402
@@ -301,14 +307,20 @@ def _measure(engine: ComfyUIEngine, row: Row, monitor: GpuMonitor, out: Path,
     return row
 
 
+SOAK_SIZES = [(832, 480, 33), (832, 480, 81), (480, 832, 49), (1280, 720, 33), (832, 480, 17)]
+CPU_SOAK_SIZES = [(128, 128, 5), (128, 128, 9), (128, 160, 5), (160, 128, 5), (128, 128, 13)]
+
+
 def soak(engine: ComfyUIEngine, n: int, out: Path, unload_every: int,
-         rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
-    """n prompts of varying sizes, a /free after each (every `unload_every`-th also unloads
-    the models, as the broker's leak check does); ComfyUI's RSS and the card's used VRAM
-    after each. The first prompt after an unload is cold (it pays its loads)."""
+         rows: list[dict[str, Any]], save: Callable[[], None],
+         sizes: list[tuple[int, int, int]] = SOAK_SIZES) -> None:
+    """n prompts of varying sizes; after every `unload_every`-th a /free with unload (the
+    broker's leak check), read 1 s after it and once the free memory stopped rising, with
+    ComfyUI's RSS. The prompts between keep their models: no /free at all, because in
+    ComfyUI 0.33 any /free with free_memory also unloads the models (main.py reads the
+    unload flag with free_memory as its default). A prompt after a /free is cold."""
     import psutil  # type: ignore[import-untyped]
 
-    sizes = [(832, 480, 33), (832, 480, 81), (480, 832, 49), (1280, 720, 33), (832, 480, 17)]
     pid = getattr(engine.server, "pid", None)
     assert pid is not None, "the soak needs a ComfyUI the benchmark started"
     monitor = open_monitor(0)
@@ -321,20 +333,43 @@ def soak(engine: ComfyUIEngine, n: int, out: Path, unload_every: int,
         t = time.monotonic()
         engine.render(s, clips / f"soak{i}.mp4")
         took = time.monotonic() - t
-        unload = (i + 1) % unload_every == 0
-        engine.client.free(unload_models=unload, free_memory=True)
-        time.sleep(1.0)
-        rss = psutil.Process(pid).memory_info().rss / GIB
-        used = monitor.read().used_bytes / GIB if monitor.available else 0.0
-        rows.append({"i": i, "size": f"{w}x{h}x{f}", "seconds": round(took, 2), "cold": cold,
-                     "unloaded": unload, "rss_gib": round(rss, 3),
-                     "vram_used_after_free_gib": round(used, 3)})
+        row: dict[str, Any] = {"i": i, "size": f"{w}x{h}x{f}", "seconds": round(took, 2),
+                               "cold": cold, "unloaded": (i + 1) % unload_every == 0}
+        if row["unloaded"]:
+            engine.client.free(unload_models=True, free_memory=True)
+            row.update(soak_free_readings(monitor))
+        elif monitor.available:
+            row["vram_used_gib"] = round(monitor.read().used_bytes / GIB, 3)
+        row["rss_gib"] = round(psutil.Process(pid).memory_info().rss / GIB, 3)
+        rows.append(row)
         # calibrate_time.py reads the cold lines ("soak i WxHxF: S s") as clips with loads
-        log.info("soak %d %s%s: %.1fs, RSS %.2f GiB, VRAM after /free%s %.2f GiB", i,
-                 rows[-1]["size"], "" if cold else " warm", took, rss,
-                 " + unload" if unload else "", used)
-        cold = unload
+        log.info("soak %d %s%s: %.1fs, RSS %.2f GiB, %s", i, row["size"],
+                 "" if cold else " models kept", took, row["rss_gib"], soak_vram_text(row))
+        cold = row["unloaded"]
         save()
+
+
+def soak_vram_text(row: dict[str, Any]) -> str:
+    if "settle_s" in row:
+        return (f"VRAM after /free {row['vram_used_1s_gib']:.2f} GiB at 1 s, "
+                f"{row['vram_used_settled_gib']:.2f} GiB settled ({row['settle_s']:.1f} s)")
+    if "vram_used_gib" in row:
+        return f"VRAM {row['vram_used_gib']:.2f} GiB with the models kept"
+    return "no VRAM reading" + (" (/free sent)" if row["unloaded"] else "")
+
+
+def soak_free_readings(monitor: GpuMonitor) -> dict[str, float]:
+    """Used VRAM 1 s after a /free and once the free memory stopped rising (what the
+    broker's leak check reads), and how long that took."""
+    if not monitor.available:
+        return {}
+    t = time.monotonic()
+    time.sleep(1.0)
+    at_1s = monitor.read()
+    free = settled_free_gib(monitor, first_wait_s=0.0)
+    return {"vram_used_1s_gib": round(at_1s.total_gib - at_1s.free_gib, 3),
+            "vram_used_settled_gib": round(at_1s.total_gib - free, 3),
+            "settle_s": round(time.monotonic() - t, 2)}
 
 
 def vram_stages(engine: ComfyUIEngine, monitor: GpuMonitor, sizes: list[str], work: Path,
@@ -421,7 +456,7 @@ def main() -> int:
     ap.add_argument("--llm-move", nargs="+", default=["keep", "partial", "unload", "broker"])
     ap.add_argument("--soak", type=int, default=0)
     ap.add_argument("--soak-unload-every", type=int, default=1,
-                    help="every k-th /free of the soak also unloads the models")
+                    help="a /free with unload after every k-th prompt (none between)")
     ap.add_argument("--vram", nargs="+", default=[], metavar="WxHxF",
                     help="per-stage VRAM of one staged shot per size (classic loader)")
     ap.add_argument("--cpu", action="store_true", help="a CPU server (self-check)")
@@ -447,7 +482,8 @@ def main() -> int:
             results["server"] = engine.server_info().describe()
             if args.soak:
                 soak(engine, args.soak, args.out / "clips", args.soak_unload_every,
-                     results.setdefault("soak", []), lambda: write(args, results))
+                     results.setdefault("soak", []), lambda: write(args, results),
+                     CPU_SOAK_SIZES if args.cpu else SOAK_SIZES)
             elif args.vram:
                 vram_stages(engine, monitor, args.vram, args.work,
                             results.setdefault("vram", []), lambda: write(args, results))

@@ -158,7 +158,8 @@ class ComfyUISettings(BaseModel):
     pass_major: bool = Field(default=False, description="all high passes, then all low, then "
                              "all decodes: each expert loads once per run")
     force_fresh: bool = Field(default=False, description="reset ComfyUI's cache before each "
-                              "shot, so nothing is answered from it")
+                              "shot, so nothing is answered from it; ComfyUI 0.33 then also "
+                              "unloads the models, and every shot pays its loads")
     keyframe_workflow: str | None = Field(
         default=None, description="text-to-image workflow for keyframes (a built-in name); "
         "None: the Wan 2.2 keyframe workflow matching `workflow`")

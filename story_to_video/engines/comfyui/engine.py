@@ -286,7 +286,8 @@ class ComfyUIEngine:
         self.check_shots([shot])
         t_start = self._now()
         if self.force_fresh:
-            self.client.free(unload_models=False, free_memory=True)  # resets ComfyUI's cache
+            # resets ComfyUI's cache; 0.33 unloads the models too (free_memory implies it)
+            self.client.free(unload_models=False, free_memory=True)
         plan = self.broker.plan(shot.frames, shot.width, shot.height, shot.id) \
             if self.broker else None
         prompt = self._prompt(shot, plan)
