@@ -43,6 +43,8 @@ from resource_broker.broker import Broker  # noqa: E402
 from resource_broker.gpu import (  # noqa: E402
     GIB,
     GpuMonitor,
+    GpuReading,
+    GpuUnavailable,
     NoGpuMonitor,
     open_monitor,
     settled_free_gib,
@@ -389,10 +391,11 @@ def vram_stages(engine: ComfyUIEngine, monitor: GpuMonitor, sizes: list[str], wo
         release_comfyui_vram(engine, monitor)
         base = monitor.read().used_bytes / GIB
         sampler = VramSampler(monitor, 0.1)
+        inside = VramSampler(TorchAllocated(engine.client.url), 0.1)
         engine.broker, engine.timeline = broker, sampler.timeline
         t0 = time.monotonic()
         try:
-            with sampler:
+            with sampler, inside:
                 r = engine.render(shot, clips / f"vram-{size}.mp4")
                 time.sleep(0.3)
         except Exception as err:  # an OOM is a result too
@@ -403,9 +406,45 @@ def vram_stages(engine: ComfyUIEngine, monitor: GpuMonitor, sizes: list[str], wo
             engine.broker, engine.timeline = None, None
         rows.append({"size": size, "seconds": round(time.monotonic() - t0, 2),
                      "base_used_gib": round(base, 3), "clip_s": round(r.seconds, 2),
-                     **stage_peaks(sampler.timeline, shot.id)})
+                     **stage_peaks(sampler.timeline, shot.id),
+                     **{f"torch_{k}": v for k, v in stage_peaks(
+                         with_marks(inside.timeline, sampler.timeline), shot.id).items()
+                        if k != "marks"}})
         log.info("vram %s: %s", size, {k: v for k, v in rows[-1].items() if k != "size"})
         save()
+
+
+class TorchAllocated:
+    """A GpuMonitor over ComfyUI's /system_stats whose 'used' is what torch has allocated
+    (reserved minus free inside its pool): the decode runs inside memory the allocator kept
+    from the passes, which the card's reading (NVML) cannot see. Its own HTTP client: the
+    sampler reads from a thread while the engine talks to the server."""
+
+    def __init__(self, url: str) -> None:
+        from story_to_video.engines.comfyui.client import ComfyUIClient
+
+        self.client = ComfyUIClient(url, timeout_s=5.0)
+
+    @property
+    def available(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "torch allocation from ComfyUI /system_stats"
+
+    def read(self) -> GpuReading:
+        try:
+            d = self.client.system_stats()["devices"][0]
+        except Exception as err:  # the sampler stops reading, the run goes on
+            raise GpuUnavailable(f"/system_stats: {err}") from err
+        total, active = int(d["vram_total"]), int(d["torch_vram_total"] - d["torch_vram_free"])
+        return GpuReading(0, "torch", total, active, total - active, (), "system_stats")
+
+
+def with_marks(tl: Timeline, marked: Timeline) -> Timeline:
+    """`tl` with the stage marks of `marked`, shifted to its own start time."""
+    tl.marks = [(t + marked.t0 - tl.t0, label) for t, label in marked.marks]
+    return tl
 
 
 def stage_peaks(tl: Timeline, shot_id: str) -> dict[str, float]:
