@@ -87,10 +87,13 @@ class Broker:
                         configured, total)
         return min(configured or total, total)
 
-    def free_gib(self) -> float | None:
+    def free_gib(self, *, settled: bool = False) -> float | None:
+        """Free VRAM now, or once it stopped rising (after a /free); None without a reading."""
         if not self.monitor.available:
             return None
         try:
+            if settled:
+                return settled_free_gib(self.monitor, sleep=self.sleep)
             return self.monitor.read().free_gib
         except GpuUnavailable as err:
             log.warning("cannot read VRAM (%s): deciding from the plan alone", err)
@@ -317,12 +320,8 @@ class Broker:
         after a /free, so a first reading taken while ComfyUI still held memory cannot hide
         a later leak."""
         free_memory()
-        if not self.monitor.available:
-            return None
-        try:
-            free = settled_free_gib(self.monitor, sleep=self.sleep)
-        except GpuUnavailable as err:
-            log.warning("cannot read VRAM (%s): no leak check", err)
+        free = self.free_gib(settled=True)
+        if free is None:
             return None
         if self.baseline_free_gib is None or free > self.baseline_free_gib:
             self.baseline_free_gib = free
