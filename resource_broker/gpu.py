@@ -54,20 +54,25 @@ class GpuMonitor(Protocol):
 
 
 def settled_free_gib(monitor: GpuMonitor, *, first_wait_s: float = 1.5, poll_s: float = 0.5,
-                     timeout_s: float = 15.0, step_bytes: int = 64 << 20,
+                     stable_s: float = 2.0, timeout_s: float = 15.0,
+                     step_bytes: int = 64 << 20,
                      sleep: Callable[[float], None] = time.sleep) -> float:
-    """Free VRAM once it stops rising after a `/free`. ComfyUI acts on /free between
-    prompts, after it has answered; in the H100 soaks a reading 1 s after it still found
-    10 to 13.5 GiB (up to one expert) more in use after 21 of 47 prompts."""
+    """Free VRAM once it stopped rising for `stable_s` after a `/free`. ComfyUI acts on
+    /free between prompts, after it has answered, and lets the models go one by one: in the
+    H100 soaks a reading 1 s after it still found up to both experts in use, and the free
+    memory stood still for 0.5 s with one expert (13.6 GiB) still held before rising again
+    (soak10-settle: 2 of 5 unloads)."""
     sleep(first_wait_s)
-    last = monitor.read().free_bytes
+    best = monitor.read().free_bytes
+    still = 0.0
     for _ in range(max(1, int(timeout_s / poll_s))):
         sleep(poll_s)
         now = monitor.read().free_bytes
-        if now <= last + step_bytes:  # stopped rising
-            return max(now, last) / GIB
-        last = now
-    return last / GIB
+        still = still + poll_s if now <= best + step_bytes else 0.0
+        best = max(best, now)
+        if still >= stable_s:
+            break
+    return best / GIB
 
 
 class NoGpuMonitor:

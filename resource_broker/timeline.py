@@ -37,6 +37,16 @@ class Timeline:
     def peak_used_gib(self, start: float = 0.0, end: float = float("inf")) -> float:
         return max((s.used_gib for s in self.window(start, end)), default=0.0)
 
+    def rise_gib(self, start: float = 0.0, end: float = float("inf")) -> float:
+        """The most the used memory rose inside the window above its lowest point before:
+        what a stage took for itself, even where the stage before it let go of memory at
+        its start (ComfyUI drops the last expert when the decode prompt begins)."""
+        low, rise = float("inf"), 0.0
+        for s in self.window(start, end):
+            low = min(low, s.used_gib)
+            rise = max(rise, s.used_gib - low)
+        return rise
+
     def min_free_gib(self, start: float = 0.0, end: float = float("inf")) -> float:
         return min((s.free_gib for s in self.window(start, end)), default=0.0)
 
