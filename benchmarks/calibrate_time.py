@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from resource_broker.time_model import EngineProfile, TimeModel  # noqa: E402
 
 PROFILE = EngineProfile("comfyui", "wan2.2-14b", steps=(2, 2))  # the benchmark's 4 steps
+LONG = EngineProfile("comfyui", "wan2.2-14b", steps=(20, 20))
 # " warm": soak30-keep.log's label for prompts after a /free without unload, which were cold
 # all the same (ComfyUI 0.33 unloads on any /free with free_memory); the soak now sends none
 # between its unloads and says "models kept" of the prompts that really kept them.
@@ -47,7 +48,8 @@ def cold_clips(results: Path) -> dict[Size, list[float]]:
     return found
 
 
-def warm_clips(results: Path, free_gib: float | None = 32.0) -> dict[Size, list[float]]:
+def warm_clips(results: Path, free_gib: float | None = 32.0, steps: str = "4"
+               ) -> dict[Size, list[float]]:
     """Warm one-prompt clips with `free_gib` free (None: with less than 32 GiB free)."""
     found: dict[Size, list[float]] = defaultdict(list)
     for path in sorted(results.glob("*.json")):
@@ -58,18 +60,19 @@ def warm_clips(results: Path, free_gib: float | None = 32.0) -> dict[Size, list[
         for r in rows:
             if (r.get("strategy") in ("comfyui-alone", "one-prompt", "auto")
                     and r.get("dynamic") == 1 and not r.get("llm_gib")
-                    and r.get("steps") == "4" and not r.get("error")
+                    and r.get("steps") == steps and not r.get("error")
                     and (r.get("free_gib") == free_gib if free_gib is not None
                          else r.get("free_gib", 32.0) < 32.0)):
                 found[(r["width"], r["height"], r["frames"])] += r["clip_s"][1:]
     return found
 
 
-def parts(tm: TimeModel, size: Size, cold: bool) -> tuple[float, float, float, float]:
+def parts(tm: TimeModel, size: Size, cold: bool, profile: EngineProfile = PROFILE
+          ) -> tuple[float, float, float, float]:
     """(loads, sampling + decode, prompt overhead, encode) seconds of one clip under `tm`."""
     w, h, f = size
-    s = tm.shot_seconds(PROFILE, f, w, h)
-    return (tm.load_seconds(PROFILE) if cold else 0.0, s["sample"] + s["decode"],
+    s = tm.shot_seconds(profile, f, w, h)
+    return (tm.load_seconds(profile) if cold else 0.0, s["sample"] + s["decode"],
             s["overhead"], s["encode"])
 
 
@@ -91,8 +94,8 @@ def calibrated(k: tuple[float, float, float]) -> TimeModel:
     return TimeModel(scale={"load": k[0], "sample": k[1], "decode": k[1], "overhead": k[2]})
 
 
-def predict(tm: TimeModel, size: Size, cold: bool) -> float:
-    return sum(parts(tm, size, cold))
+def predict(tm: TimeModel, size: Size, cold: bool, profile: EngineProfile = PROFILE) -> float:
+    return sum(parts(tm, size, cold, profile))
 
 
 def print_mean_errors(errors: dict[bool, list[float]]) -> None:
@@ -144,6 +147,13 @@ def main() -> None:
         print("\nnot fitted, less than 32 GiB free (ComfyUI streams part of the weights):")
         for size, ys in sorted(squeezed.items()):
             y, c = sum(ys) / len(ys), predict(tm, size, False)
+            print(f"{'x'.join(map(str, size)):12}  {len(ys):5}  warm  {y:10.1f}  "
+                  f"calibrated {c:.1f}  {100 * (c - y) / y:+5.0f}%")
+    long_passes = warm_clips(args.results, 32.0, "20+20")
+    if long_passes:
+        print("\nnot fitted, 20+20 steps without the 4-step LoRA (32 GiB free):")
+        for size, ys in sorted(long_passes.items()):
+            y, c = sum(ys) / len(ys), predict(tm, size, False, LONG)
             print(f"{'x'.join(map(str, size)):12}  {len(ys):5}  warm  {y:10.1f}  "
                   f"calibrated {c:.1f}  {100 * (c - y) / y:+5.0f}%")
     if args.out:

@@ -7,6 +7,11 @@ unloaded everything, so its peak is the card's idle use, one expert and the acti
 high-noise pass also holds the text encoder, which ComfyUI evicts under pressure; the decode
 runs inside memory the allocator kept from the passes, so the card does not show it).
 
+The decode is fitted on what torch itself allocated (ComfyUI's /system_stats, sampled beside
+the card; runs with a `trace`): its rise inside the decode window above the lowest point
+before it, because ComfyUI drops the last expert as the decode prompt begins. The model:
+VAE weights (bf16, as ComfyUI loads them) + a per-pixel-frame figure, the anchors' scaled.
+
 The model: peak = idle + expert + max(floor, per-token anchor x tokens). The floor is fitted
 on the training sizes (the median of what they took above their weights); the per-token
 figure keeps the anchors' 0.108 MiB unless training sizes above the floor say otherwise.
@@ -29,8 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibrate_time import print_mean_errors  # noqa: E402
 from resource_broker.cost_model import GIB, Calibration, CostModel  # noqa: E402
+from resource_broker.timeline import Sample, Timeline  # noqa: E402
 
 Point = tuple[str, int, float, float]  # size, tokens, idle GiB, measured low-pass peak GiB
+DecodePoint = tuple[str, int, float]  # size, pixel-frames, GiB the decode took (torch)
 
 
 def points(results: Path, model: CostModel) -> list[Point]:
@@ -43,6 +50,52 @@ def points(results: Path, model: CostModel) -> list[Point]:
             found.append((r["size"], model.shot(f, w, h).tokens, r["base_used_gib"],
                           r["low_peak_gib"]))
     return found
+
+
+def decode_points(results: Path) -> list[DecodePoint]:
+    found = []
+    for path in sorted(results.glob("vram-*.json")):
+        for r in json.loads(path.read_text()).get("vram", []):
+            trace = r.get("trace")
+            if r.get("error") or not trace or not trace.get("torch_active"):
+                continue
+            tl = Timeline(samples=[Sample(t, gib, 0.0, "torch")
+                                   for t, gib in trace["torch_active"]])
+            start = next((t for t, label in trace["marks"] if label.endswith(" decode")), None)
+            if start is None:
+                continue
+            w, h, f = (int(x) for x in r["size"].split("x"))
+            found.append((r["size"], w * h * f, tl.rise_gib(start)))
+    return found
+
+
+def predict_decode(model: CostModel, size: str) -> float:
+    w, h, f = (int(x) for x in size.split("x"))
+    c = model.shot(f, w, h)
+    return (c.vae_weights + c.decode_full) / GIB
+
+
+def fit_decode(anchors: CostModel, train: list[DecodePoint], cal: Calibration) -> None:
+    """The anchors' per-pixel-frame figure scaled (and a base, given two sizes or more)."""
+    pts = [(float(pf), int(gib * GIB) - anchors.spec.vae_weight_bytes) for _s, pf, gib in train]
+    if pts:
+        cal.fit("vae", pts, anchors.spec.vae_bytes_per_pixel_frame)
+
+
+def print_decode(anchors: CostModel, tuned: CostModel, data: list[DecodePoint],
+                 hold_out: list[str]) -> None:
+    if not data:
+        print("\ndecode: no run with a torch trace (comfyui_gpu.py --vram records one)")
+        return
+    print("\ndecode (torch's own allocation):\nsize          pixel-frames  held out  "
+          "measured GiB  anchors GiB  error  calibrated GiB  error")
+    for size, pf, gib in data:
+        a, c = predict_decode(anchors, size), predict_decode(tuned, size)
+        print(f"{size:12}  {pf:12}  {'yes' if size in hold_out else 'no':8}  {gib:12.2f}  "
+              f"{a:11.2f}  {100 * (a - gib) / gib:+5.1f}%  {c:14.2f}  "
+              f"{100 * (c - gib) / gib:+5.1f}%")
+    if not any(size in hold_out for size, _pf, _g in data):
+        print("no held-out decode size yet: the decode's error is not tested")
 
 
 def predict(model: CostModel, size: str, idle: float) -> float:
@@ -83,8 +136,10 @@ def main() -> None:
     if not train:
         raise SystemExit("every measured size is held out: nothing to fit on")
     cal = fit(anchors, train)
+    decodes = decode_points(args.results)
+    fit_decode(anchors, [d for d in decodes if d[0] not in args.hold_out], cal)
     tuned = CostModel.for_model(args.model, cal)
-    print(f"fitted on {len(train)} sizes: floor {cal.act_floor / GIB:.2f} GiB above the "
+    print(f"fitted on {len(train)} shots: floor {cal.act_floor / GIB:.2f} GiB above the "
           f"weights, per-token x{cal.act_scale:.2f} of the anchors' "
           f"{anchors.spec.act_bytes_per_token / 2**20:.3f} MiB, base "
           f"{cal.act_base / GIB:.2f} GiB")
@@ -98,6 +153,7 @@ def main() -> None:
         print(f"{size:12}  {n:6}  {'yes' if out else 'no':8}  {peak:12.2f}  {a:11.2f}  "
               f"{100 * (a - peak) / peak:+5.1f}%  {c:14.2f}  {100 * (c - peak) / peak:+5.1f}%")
     print_mean_errors(errors)
+    print_decode(anchors, tuned, decodes, args.hold_out)
     if args.out:
         cal.save(args.out)
         print(f"wrote {args.out}")

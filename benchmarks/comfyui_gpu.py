@@ -409,8 +409,10 @@ def vram_stages(engine: ComfyUIEngine, monitor: GpuMonitor, sizes: list[str], wo
                      **stage_peaks(sampler.timeline, shot.id),
                      **{f"torch_{k}": v for k, v in stage_peaks(
                          with_marks(inside.timeline, sampler.timeline), shot.id).items()
-                        if k != "marks"}})
-        log.info("vram %s: %s", size, {k: v for k, v in rows[-1].items() if k != "size"})
+                        if k != "marks"},
+                     "trace": trace(sampler.timeline, inside)})
+        log.info("vram %s: %s", size,
+                 {k: v for k, v in rows[-1].items() if k not in ("size", "trace")})
         save()
 
 
@@ -424,6 +426,7 @@ class TorchAllocated:
         from story_to_video.engines.comfyui.client import ComfyUIClient
 
         self.client = ComfyUIClient(url, timeout_s=5.0)
+        self.reserved: list[tuple[float, float]] = []  # (monotonic s, GiB torch reserved)
 
     @property
     def available(self) -> bool:
@@ -438,7 +441,21 @@ class TorchAllocated:
         except Exception as err:  # the sampler stops reading, the run goes on
             raise GpuUnavailable(f"/system_stats: {err}") from err
         total, active = int(d["vram_total"]), int(d["torch_vram_total"] - d["torch_vram_free"])
+        self.reserved.append((time.monotonic(), int(d["torch_vram_total"]) / GIB))
         return GpuReading(0, "torch", total, active, total - active, (), "system_stats")
+
+
+def trace(card: Timeline, inside: VramSampler) -> dict[str, Any]:
+    """The raw samples behind the stage peaks (seconds from the card sampler's start), so a
+    flat stage can be told from a missed one: card used, torch active and reserved."""
+    assert isinstance(inside.monitor, TorchAllocated)
+    shift = inside.timeline.t0 - card.t0
+    return {"marks": [[round(t, 2), label] for t, label in card.marks],
+            "card_used": [[round(s.t, 2), round(s.used_gib, 3)] for s in card.samples],
+            "torch_active": [[round(s.t + shift, 2), round(s.used_gib, 3)]
+                             for s in inside.timeline.samples],
+            "torch_reserved": [[round(t - card.t0, 2), round(g, 3)]
+                               for t, g in inside.monitor.reserved]}
 
 
 def with_marks(tl: Timeline, marked: Timeline) -> Timeline:
@@ -448,13 +465,15 @@ def with_marks(tl: Timeline, marked: Timeline) -> Timeline:
 
 
 def stage_peaks(tl: Timeline, shot_id: str) -> dict[str, float]:
-    """Peak used GiB in each stage's window, and the used GiB when the decode began."""
+    """Peak used GiB in each stage's window, the used GiB when the decode began, and the
+    decode's own rise (the window's peak can be the expert ComfyUI drops as it begins)."""
     marks = {label.removeprefix(f"{shot_id} "): t for t, label in tl.marks}
     end = tl.samples[-1].t if tl.samples else 0.0
     bounds = {"high": (marks.get("high", 0.0), marks.get("unload high", end)),
               "low": (marks.get("low", end), marks.get("decode", end)),
               "decode": (marks.get("decode", end), end)}
     out = {f"{k}_peak_gib": round(tl.peak_used_gib(a, b), 3) for k, (a, b) in bounds.items()}
+    out["decode_rise_gib"] = round(tl.rise_gib(*bounds["decode"]), 3)
     before = [s.used_gib for s in tl.samples if s.t <= marks.get("decode", end)]
     out["before_decode_gib"] = round(before[-1], 3) if before else 0.0
     out["marks"] = sorted(marks)  # type: ignore[assignment]
@@ -506,6 +525,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         handlers=[logging.StreamHandler(sys.stdout),
                                   logging.FileHandler(args.out / f"{args.tag}.log")])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the samplers poll at 10 Hz
     monitor: GpuMonitor = NoGpuMonitor("cpu self-check") if args.cpu else open_monitor(0)
     weights = next(iter(sorted((args.models / "diffusion_models").glob("*.safetensors"))), None)
     env = Env(args.comfyui, args.models, args.work, args.python, args.cpu, weights)
