@@ -59,9 +59,9 @@ def settled_free_gib(monitor: GpuMonitor, *, first_wait_s: float = 1.5, poll_s: 
                      sleep: Callable[[float], None] = time.sleep) -> float:
     """Free VRAM once it stopped rising for `stable_s` after a `/free`. ComfyUI acts on
     /free between prompts, after it has answered, and lets the models go one by one: in the
-    H100 soaks a reading 1 s after it still found up to both experts in use, and the free
-    memory stood still for 0.5 s with one expert (13.6 GiB) still held before rising again
-    (soak10-settle: 2 of 5 unloads)."""
+    H100 soaks a reading 1 s after it still found up to both experts in use; the free memory
+    stood still for 0.5 s with one expert (13.6 GiB) held after 2 of 5 unloads, while the
+    other 3 released everything 2.5 to 3 s after the /free (soak10-settle)."""
     sleep(first_wait_s)
     best = monitor.read().free_bytes
     still = 0.0
