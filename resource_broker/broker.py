@@ -206,9 +206,12 @@ class Broker:
             return None
         if self.free_vram is not None and self.llm.controllable:
             self.free_vram()
-        return self.record(BrokerEvent("llm", "restore", self.llm.gpu_gib(), self.free_gib(),
+        free = self.free_gib()
+        outcome = self.llm.restore()
+        # what the LLM holds once back (before the restore an unloaded LLM holds 0)
+        return self.record(BrokerEvent("llm", "restore", self.llm.gpu_gib(), free,
                                        "video work done: the LLM gets its GPU share back",
-                                       self.llm.restore()))
+                                       outcome))
 
     # -- decode headroom -------------------------------------------------------------------
     def decode_headroom(self, p: BrokerPlan, shot_id: str,

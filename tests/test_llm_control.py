@@ -76,6 +76,20 @@ def test_lmstudio_unload_reload_with_ratio_and_restore(lms: FakeLMStudio) -> Non
     assert list(lms.ratios.values()) == ["max"]  # the partial instance went, a full one came
 
 
+def test_restore_event_says_what_the_llm_holds_again(lms: FakeLMStudio) -> None:
+    """The H100 runs logged 'restore (need 0.00 GiB ...)': the size read before the reload,
+    when an unloaded LLM holds nothing."""
+    c = LMStudioControl(f"{lms.url}/v1", "qwen2.5-14b-instruct", api_key="secret",
+                        sdk=SdkStandIn(lms))
+    b = Broker(ScriptedMonitor(32, [30.0]), CostModel.for_model("wan2.2-14b"), budget_gib=32,
+               llm=c)
+    assert b.place_llm_for_video(b.plan(81, 832, 480)).action == "unload"
+    ev = b.restore_llm()
+    assert ev is not None and ev.action == "restore"
+    assert (ev.predicted_gib, ev.free_gib) == (pytest.approx(12.0), 30.0)
+    assert ev.outcome == "lmstudio: qwen2.5-14b-instruct loaded again"
+
+
 def test_lmstudio_without_its_token_is_refused_and_counted(lms: FakeLMStudio) -> None:
     c = LMStudioControl(f"{lms.url}/v1", None, gib=9.0)
     assert "HTTP 401: Unauthorized" in c.release(0.0) and not c.controllable
