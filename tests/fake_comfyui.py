@@ -42,7 +42,6 @@ from typing import Any
 
 import imageio_ffmpeg
 import numpy as np
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -50,6 +49,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from story_to_video.llm.embedded import free_port
+from tests.served import Served
 
 FIXTURES = Path(__file__).parent / "fixtures" / "comfyui"
 OBJECT_INFO: dict[str, Any] = json.loads((FIXTURES / "object_info.json").read_text())
@@ -111,8 +111,7 @@ class FakeComfyUI:
         self._interrupt = asyncio.Event()
         self._wake = asyncio.Event()
         self._queue: asyncio.Queue[tuple[str, dict[str, Any], str]] | None = None
-        self.server: uvicorn.Server | None = None
-        self.thread: threading.Thread | None = None
+        self.served: Served | None = None
         self.last_node: str | None = None
         self.running_client: str | None = None
 
@@ -135,16 +134,8 @@ class FakeComfyUI:
             Route("/interrupt", self.interrupt, methods=["POST"]),
             WebSocketRoute("/ws", self.ws),
         ], lifespan=self._lifespan)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                ws="websockets-sansio", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake ComfyUI did not start")
-            time.sleep(0.02)
+        self.served = Served(app, self.port, what="fake ComfyUI", ws="websockets-sansio",
+                             lifespan="on")
         return self
 
     @contextlib.asynccontextmanager
@@ -158,11 +149,8 @@ class FakeComfyUI:
             await worker
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-            self.server.force_exit = True
-        if self.thread is not None:
-            self.thread.join(timeout=10)
+        if self.served is not None:
+            self.served.stop()
 
     # -- HTTP ------------------------------------------------------------------------------
     async def system_stats(self, _: Request) -> JSONResponse:

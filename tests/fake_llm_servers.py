@@ -28,18 +28,16 @@ Ollama, docs/api.md (https://github.com/ollama/ollama/blob/main/docs/api.md):
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from story_to_video.llm.embedded import free_port
+from tests.served import Served
 
 GIB = 2**30
 
@@ -56,26 +54,18 @@ class _Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.faults = Faults()
         self.requests: list[tuple[str, dict[str, Any]]] = []
-        self._server: uvicorn.Server | None = None
+        self._served: Served | None = None
 
     def routes(self) -> list[Route]:
         raise NotImplementedError
 
     def start(self) -> _Server:
-        app = Starlette(routes=self.routes())
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                     log_level="warning"))
-        threading.Thread(target=self._server.run, daemon=True).start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake server did not start")
-            time.sleep(0.02)
+        self._served = Served(Starlette(routes=self.routes()), self.port, what="fake server")
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
+        if self._served is not None:
+            self._served.stop()
 
     async def _body(self, request: Request) -> dict[str, Any]:
         body = await request.json() if await request.body() else {}

@@ -16,18 +16,17 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from story_to_video.llm.embedded import free_port
+from tests.served import Served
 
 MODEL = "scripted-7b"
 
@@ -101,8 +100,7 @@ class ScriptedLLMServer:
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.server: uvicorn.Server | None = None
-        self.thread: threading.Thread | None = None
+        self.served: Served | None = None
         self._lock = threading.Lock()
 
     @property
@@ -125,23 +123,13 @@ class ScriptedLLMServer:
             Route("/v1/models", self._models),
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
         ])
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("scripted LLM server did not start")
-            time.sleep(0.02)
+        self.served = Served(app, self.port, what="scripted LLM server", log_level="critical",
+                             timeout_s=20)
         return self
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-            self.server.force_exit = True
-        if self.thread is not None:
-            self.thread.join(timeout=10)
+        if self.served is not None:
+            self.served.stop()
 
     def _next(self, queue: list[Reply]) -> Reply | None:
         with self._lock:
