@@ -25,53 +25,62 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibrate_time import print_mean_errors  # noqa: E402
-from resource_broker.cost_model import GIB, Calibration, CostModel  # noqa: E402
+from resource_broker.cost_model import GIB, Calibration, CostModel, ShotCost  # noqa: E402
 from resource_broker.timeline import Sample, Timeline  # noqa: E402
 
 Point = tuple[str, int, float, float]  # size, tokens, idle GiB, measured low-pass peak GiB
 DecodePoint = tuple[str, int, float]  # size, pixel-frames, GiB the decode took (torch)
 
 
-def points(results: Path, model: CostModel) -> list[Point]:
-    found = []
+def vram_rows(results: Path) -> Iterator[dict[str, Any]]:
+    """The --vram rows that measured something, from every run in `results`."""
     for path in sorted(results.glob("vram-*.json")):
-        for r in json.loads(path.read_text()).get("vram", []):
-            if r.get("error") or not r.get("low_peak_gib"):
-                continue
-            w, h, f = (int(x) for x in r["size"].split("x"))
-            found.append((r["size"], model.shot(f, w, h).tokens, r["base_used_gib"],
-                          r["low_peak_gib"]))
-    return found
+        yield from (r for r in json.loads(path.read_text()).get("vram", [])
+                    if not r.get("error"))
 
 
-def decode_points(results: Path) -> list[DecodePoint]:
+def dims(size: str) -> tuple[int, int, int]:
+    """'WxHxF' as (width, height, frames)."""
+    w, h, f = (int(x) for x in size.split("x"))
+    return w, h, f
+
+
+def shot(model: CostModel, size: str) -> ShotCost:
+    w, h, f = dims(size)
+    return model.shot(f, w, h)
+
+
+def points(rows: list[dict[str, Any]], model: CostModel) -> list[Point]:
+    return [(r["size"], shot(model, r["size"]).tokens, r["base_used_gib"], r["low_peak_gib"])
+            for r in rows if r.get("low_peak_gib")]
+
+
+def decode_points(rows: list[dict[str, Any]]) -> list[DecodePoint]:
     found = []
-    for path in sorted(results.glob("vram-*.json")):
-        for r in json.loads(path.read_text()).get("vram", []):
-            trace = r.get("trace")
-            if r.get("error") or not trace or not trace.get("torch_active"):
-                continue
-            tl = Timeline(samples=[Sample(t, gib, 0.0, "torch")
-                                   for t, gib in trace["torch_active"]])
-            start = next((t for t, label in trace["marks"] if label.endswith(" decode")), None)
-            if start is None:
-                continue
-            w, h, f = (int(x) for x in r["size"].split("x"))
-            found.append((r["size"], w * h * f, tl.rise_gib(start)))
+    for r in rows:
+        trace = r.get("trace")
+        if not trace or not trace.get("torch_active"):
+            continue
+        tl = Timeline(samples=[Sample(t, gib, 0.0, "torch") for t, gib in trace["torch_active"]])
+        start = next((t for t, label in trace["marks"] if label.endswith(" decode")), None)
+        if start is not None:
+            found.append((r["size"], math.prod(dims(r["size"])), tl.rise_gib(start)))
     return found
 
 
 def predict_decode(model: CostModel, size: str) -> float:
-    w, h, f = (int(x) for x in size.split("x"))
-    c = model.shot(f, w, h)
+    c = shot(model, size)
     return (c.vae_weights + c.decode_full) / GIB
 
 
@@ -99,8 +108,7 @@ def print_decode(anchors: CostModel, tuned: CostModel, data: list[DecodePoint],
 
 
 def predict(model: CostModel, size: str, idle: float) -> float:
-    w, h, f = (int(x) for x in size.split("x"))
-    c = model.shot(f, w, h)
+    c = shot(model, size)
     return idle + (c.expert + c.activations) / GIB
 
 
@@ -129,14 +137,15 @@ def main() -> None:
     args = ap.parse_args()
 
     anchors = CostModel.for_model(args.model)
-    data = points(args.results, anchors)
+    rows = list(vram_rows(args.results))
+    data = points(rows, anchors)
     if not data:
         raise SystemExit(f"no vram-*.json rows in {args.results}: run comfyui_gpu.py --vram")
     train = [p for p in data if p[0] not in args.hold_out]
     if not train:
         raise SystemExit("every measured size is held out: nothing to fit on")
     cal = fit(anchors, train)
-    decodes = decode_points(args.results)
+    decodes = decode_points(rows)
     fit_decode(anchors, [d for d in decodes if d[0] not in args.hold_out], cal)
     tuned = CostModel.for_model(args.model, cal)
     print(f"fitted on {len(train)} shots: floor {cal.act_floor / GIB:.2f} GiB above the "
