@@ -106,6 +106,18 @@ def print_mean_errors(errors: dict[bool, list[float]]) -> None:
                   f"{100 * sum(errors[out]) / len(errors[out]):.1f}%")
 
 
+def print_unfitted(what: str, clips: dict[Size, list[float]], tm: TimeModel,
+                   profile: EngineProfile) -> None:
+    """Warm clips the model was not fitted on, against its prediction."""
+    if not clips:
+        return
+    print(f"\nnot fitted, {what}:")
+    for size, ys in sorted(clips.items()):
+        y, c = sum(ys) / len(ys), predict(tm, size, False, profile)
+        print(f"{'x'.join(map(str, size)):12}  {len(ys):5}  warm  {y:10.1f}  "
+              f"calibrated {c:.1f}  {100 * (c - y) / y:+5.0f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -142,20 +154,10 @@ def main() -> None:
               f"{'yes' if out else 'no':8}  {y:10.1f}  {a:9.1f}  {100 * (a - y) / y:+5.0f}%  "
               f"{c:12.1f}  {100 * (c - y) / y:+5.0f}%")
     print_mean_errors(errors)
-    squeezed = warm_clips(args.results, None)
-    if squeezed:
-        print("\nnot fitted, less than 32 GiB free (ComfyUI streams part of the weights):")
-        for size, ys in sorted(squeezed.items()):
-            y, c = sum(ys) / len(ys), predict(tm, size, False)
-            print(f"{'x'.join(map(str, size)):12}  {len(ys):5}  warm  {y:10.1f}  "
-                  f"calibrated {c:.1f}  {100 * (c - y) / y:+5.0f}%")
-    long_passes = warm_clips(args.results, 32.0, "20+20")
-    if long_passes:
-        print("\nnot fitted, 20+20 steps without the 4-step LoRA (32 GiB free):")
-        for size, ys in sorted(long_passes.items()):
-            y, c = sum(ys) / len(ys), predict(tm, size, False, LONG)
-            print(f"{'x'.join(map(str, size)):12}  {len(ys):5}  warm  {y:10.1f}  "
-                  f"calibrated {c:.1f}  {100 * (c - y) / y:+5.0f}%")
+    print_unfitted("less than 32 GiB free (ComfyUI streams part of the weights)",
+                   warm_clips(args.results, None), tm, PROFILE)
+    print_unfitted("20+20 steps without the 4-step LoRA (32 GiB free)",
+                   warm_clips(args.results, 32.0, "20+20"), tm, LONG)
     if args.out:
         tm.save(args.out)
         print(f"wrote {args.out}")
