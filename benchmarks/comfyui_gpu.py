@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -204,6 +205,10 @@ class Env:
 
         cmd: list[str] = command(Prepared(self.comfyui, Path(self.python), self.models), port,
                       self.work, extra, cpu=self.cpu)
+        # torch's peak between two reads (TorchAllocated): an extension of our own, copied
+        # into this server's custom_nodes (under --base-directory, not the ComfyUI source)
+        shutil.copy(Path(__file__).with_name("comfyui_torch_peak.py"),
+                    self.work / "custom_nodes" / "stv_torch_peak.py")
         return cmd + ([] if dynamic or self.cpu else ["--disable-dynamic-vram"])
 
 
@@ -377,7 +382,8 @@ def soak_free_readings(monitor: GpuMonitor) -> dict[str, float]:
 def vram_stages(engine: ComfyUIEngine, monitor: GpuMonitor, sizes: list[str], work: Path,
                 rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
     """Per-stage VRAM of one staged shot per size (high pass, unload, low pass, decode as
-    separate prompts), sampled every 0.1 s: what calibrate_vram.py fits the cost model on.
+    separate prompts), the card sampled every 0.1 s and torch's peak allocation every 0.05 s
+    (TorchAllocated): what calibrate_vram.py fits the cost model on.
     Run it on the classic loader with the whole card free, so that ComfyUI neither offloads
     nor fills the card (dynamic VRAM would)."""
     settings = Settings(engine="comfyui", broker=BrokerSettings(strategy="staged"))
@@ -391,7 +397,7 @@ def vram_stages(engine: ComfyUIEngine, monitor: GpuMonitor, sizes: list[str], wo
         release_comfyui_vram(engine, monitor)
         base = monitor.read().used_bytes / GIB
         sampler = VramSampler(monitor, 0.1)
-        inside = VramSampler(TorchAllocated(engine.client.url), 0.1)
+        inside = VramSampler(TorchAllocated(engine.client.url), 0.05)
         engine.broker, engine.timeline = broker, sampler.timeline
         t0 = time.monotonic()
         try:
@@ -417,32 +423,48 @@ def vram_stages(engine: ComfyUIEngine, monitor: GpuMonitor, sizes: list[str], wo
 
 
 class TorchAllocated:
-    """A GpuMonitor over ComfyUI's /system_stats whose 'used' is what torch has allocated
-    (reserved minus free inside its pool): the decode runs inside memory the allocator kept
-    from the passes, which the card's reading (NVML) cannot see. Its own HTTP client: the
-    sampler reads from a thread while the engine talks to the server."""
+    """A GpuMonitor whose 'used' is what torch allocated inside ComfyUI: the decode runs
+    inside memory the allocator kept from the passes, which the card's reading (NVML) cannot
+    see. Each read is torch's peak since the read before, from our extension
+    (comfyui_torch_peak.py), so no peak falls between two samples; on a server without it,
+    the allocation at that instant from /system_stats. Its own HTTP client: the sampler
+    reads from a thread while the engine talks to the server."""
 
     def __init__(self, url: str) -> None:
         from story_to_video.engines.comfyui.client import ComfyUIClient
 
         self.client = ComfyUIClient(url, timeout_s=5.0)
         self.reserved: list[tuple[float, float]] = []  # (monotonic s, GiB torch reserved)
+        self.peaks = True  # until the server says it has no /stv/torch_peak
 
     @property
     def available(self) -> bool:
         return True
 
     def describe(self) -> str:
-        return "torch allocation from ComfyUI /system_stats"
+        return ("torch's peak allocation between reads (/stv/torch_peak)" if self.peaks
+                else "torch allocation from ComfyUI /system_stats")
 
     def read(self) -> GpuReading:
         try:
-            d = self.client.system_stats()["devices"][0]
+            total, used, reserved = self._peak() if self.peaks else self._instant()
         except Exception as err:  # the sampler stops reading, the run goes on
-            raise GpuUnavailable(f"/system_stats: {err}") from err
-        total, active = int(d["vram_total"]), int(d["torch_vram_total"] - d["torch_vram_free"])
-        self.reserved.append((time.monotonic(), int(d["torch_vram_total"]) / GIB))
-        return GpuReading(0, "torch", total, active, total - active, (), "system_stats")
+            raise GpuUnavailable(f"torch allocation: {err}") from err
+        self.reserved.append((time.monotonic(), reserved / GIB))
+        return GpuReading(0, "torch", total, used, total - used, (), self.describe())
+
+    def _peak(self) -> tuple[int, int, int]:
+        r = self.client.http.get("/stv/torch_peak")
+        d = r.json() if r.status_code == 200 else {}
+        if not d.get("cuda"):  # an older benchmark server, or a CPU one
+            self.peaks = False
+            return self._instant()
+        return int(d["total"]), int(d["peak"]), int(d["reserved"])
+
+    def _instant(self) -> tuple[int, int, int]:
+        d = self.client.system_stats()["devices"][0]
+        total, reserved = int(d["vram_total"]), int(d["torch_vram_total"])
+        return total, reserved - int(d["torch_vram_free"]), reserved
 
 
 def trace(card: Timeline, inside: VramSampler) -> dict[str, Any]:
@@ -450,7 +472,8 @@ def trace(card: Timeline, inside: VramSampler) -> dict[str, Any]:
     flat stage can be told from a missed one: card used, torch active and reserved."""
     assert isinstance(inside.monitor, TorchAllocated)
     shift = inside.timeline.t0 - card.t0
-    return {"marks": [[round(t, 2), label] for t, label in card.marks],
+    return {"torch_source": inside.monitor.describe(),
+            "marks": [[round(t, 2), label] for t, label in card.marks],
             "card_used": [[round(s.t, 2), round(s.used_gib, 3)] for s in card.samples],
             "torch_active": [[round(s.t + shift, 2), round(s.used_gib, 3)]
                              for s in inside.timeline.samples],
