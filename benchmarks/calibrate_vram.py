@@ -7,10 +7,12 @@ unloaded everything, so its peak is the card's idle use, one expert and the acti
 high-noise pass also holds the text encoder, which ComfyUI evicts under pressure; the decode
 runs inside memory the allocator kept from the passes, so the card does not show it).
 
-The decode is fitted on what torch itself allocated (ComfyUI's /system_stats, sampled beside
-the card; runs with a `trace`): its rise inside the decode window above the lowest point
-before it, because ComfyUI drops the last expert as the decode prompt begins. The model:
-VAE weights (bf16, as ComfyUI loads them) + a per-pixel-frame figure, the anchors' scaled.
+The decode is fitted on what torch itself allocated inside ComfyUI (runs with a `trace`): its
+rise inside the decode window above the lowest point before it, because ComfyUI drops the
+last expert as the decode prompt begins. Traces from torch's peak counter are used where
+there are any: sampled allocation (/system_stats) missed the peaks of the decode's chunks.
+The model: VAE weights (bf16, as ComfyUI loads them) + a working set per pixel of one frame
+(the anchors' figure, scaled, and a base given two areas) + the decoded clip in bf16.
 
 The model: peak = idle + expert + max(floor, per-token anchor x tokens). The floor is fitted
 on the training sizes (the median of what they took above their weights); the per-token
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from collections.abc import Iterator
@@ -36,11 +37,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibrate_time import print_mean_errors  # noqa: E402
-from resource_broker.cost_model import GIB, Calibration, CostModel, ShotCost  # noqa: E402
+from resource_broker.cost_model import (  # noqa: E402
+    GIB,
+    OUT_BYTES_PER_PIXEL_FRAME,
+    Calibration,
+    CostModel,
+    ShotCost,
+)
 from resource_broker.timeline import Sample, Timeline  # noqa: E402
 
 Point = tuple[str, int, float, float]  # size, tokens, idle GiB, measured low-pass peak GiB
-DecodePoint = tuple[str, int, float]  # size, pixel-frames, GiB the decode took (torch)
+DecodePoint = tuple[str, float, float]  # size, sampling, GiB the decode took (torch)
 
 
 def vram_rows(results: Path) -> Iterator[dict[str, Any]]:
@@ -67,6 +74,8 @@ def points(rows: list[dict[str, Any]], model: CostModel) -> list[Point]:
 
 
 def decode_points(rows: list[dict[str, Any]]) -> list[DecodePoint]:
+    """(size, how torch was read, rise) per traced decode; only peak-counter traces where the
+    results hold any."""
     found = []
     for r in rows:
         trace = r.get("trace")
@@ -75,8 +84,10 @@ def decode_points(rows: list[dict[str, Any]]) -> list[DecodePoint]:
         tl = Timeline(samples=[Sample(t, gib, 0.0, "torch") for t, gib in trace["torch_active"]])
         start = next((t for t, label in trace["marks"] if label.endswith(" decode")), None)
         if start is not None:
-            found.append((r["size"], math.prod(dims(r["size"])), tl.rise_gib(start)))
-    return found
+            found.append((r["size"], "peak" if "peak" in trace.get("torch_source", "")
+                          else "sampled", tl.rise_gib(start)))
+    peaks = [p for p in found if p[1] == "peak"]
+    return peaks or found
 
 
 def predict_decode(model: CostModel, size: str) -> float:
@@ -85,10 +96,15 @@ def predict_decode(model: CostModel, size: str) -> float:
 
 
 def fit_decode(anchors: CostModel, train: list[DecodePoint], cal: Calibration) -> None:
-    """The anchors' per-pixel-frame figure scaled (and a base, given two sizes or more)."""
-    pts = [(float(pf), int(gib * GIB) - anchors.spec.vae_weight_bytes) for _s, pf, gib in train]
+    """The anchors' per-pixel figure scaled (and a base, given two areas or more), on what
+    the decode took above the VAE's weights and the decoded clip."""
+    pts = []
+    for size, _how, gib in train:
+        w, h, f = dims(size)
+        out = w * h * f * OUT_BYTES_PER_PIXEL_FRAME
+        pts.append((float(w * h), int(gib * GIB) - anchors.spec.vae_weight_bytes - out))
     if pts:
-        cal.fit("vae", pts, anchors.spec.vae_bytes_per_pixel_frame)
+        cal.fit("vae", pts, anchors.spec.vae_bytes_per_frame_pixel)
 
 
 def print_decode(anchors: CostModel, tuned: CostModel, data: list[DecodePoint],
@@ -96,14 +112,18 @@ def print_decode(anchors: CostModel, tuned: CostModel, data: list[DecodePoint],
     if not data:
         print("\ndecode: no run with a torch trace (comfyui_gpu.py --vram records one)")
         return
-    print("\ndecode (torch's own allocation):\nsize          pixel-frames  held out  "
-          "measured GiB  anchors GiB  error  calibrated GiB  error")
-    for size, pf, gib in data:
+    print(f"\ndecode (torch's own allocation), fitted: base {tuned.calibration.vae_base / GIB:.2f}"
+          f" GiB + x{tuned.calibration.vae_scale:.2f} of the anchors' "
+          f"{anchors.spec.vae_bytes_per_frame_pixel / 1000:.1f} KB per pixel of a frame + "
+          f"{OUT_BYTES_PER_PIXEL_FRAME} B per pixel-frame for the decoded clip")
+    print("size          torch read  held out  measured GiB  anchors GiB  error  "
+          "calibrated GiB  error")
+    for size, how, gib in data:
         a, c = predict_decode(anchors, size), predict_decode(tuned, size)
-        print(f"{size:12}  {pf:12}  {'yes' if size in hold_out else 'no':8}  {gib:12.2f}  "
+        print(f"{size:12}  {how:10}  {'yes' if size in hold_out else 'no':8}  {gib:12.2f}  "
               f"{a:11.2f}  {100 * (a - gib) / gib:+5.1f}%  {c:14.2f}  "
               f"{100 * (c - gib) / gib:+5.1f}%")
-    if not any(size in hold_out for size, _pf, _g in data):
+    if not any(size in hold_out for size, _how, _g in data):
         print("no held-out decode size yet: the decode's error is not tested")
 
 
@@ -113,16 +133,16 @@ def predict(model: CostModel, size: str, idle: float) -> float:
 
 
 def fit(anchors: CostModel, train: list[Point]) -> Calibration:
-    """Floor: the median of the training sizes' activations as measured. The per-token scale
-    moves only on training sizes whose measured activations lie above that floor."""
-    measured = {size: peak - idle - anchors.spec.expert_bytes / GIB
-                for size, _n, idle, peak in train}
-    cal = Calibration(act_floor=int(statistics.median(measured.values()) * GIB))
-    above = [(n, int(measured[size] * GIB)) for size, n, _i, _p in train
-             if measured[size] * GIB > cal.act_floor
-             and n * anchors.spec.act_bytes_per_token > cal.act_floor]
+    """Floor: the median of the training runs' activations as measured (every run, repeated
+    sizes included). The per-token scale moves only on runs whose measured activations lie
+    above that floor."""
+    expert = anchors.spec.expert_bytes / GIB
+    measured = [(n, peak - idle - expert) for _size, n, idle, peak in train]
+    cal = Calibration(act_floor=int(statistics.median(m for _n, m in measured) * GIB))
+    above = [(float(n), int(m * GIB)) for n, m in measured
+             if m * GIB > cal.act_floor and n * anchors.spec.act_bytes_per_token > cal.act_floor]
     if above:
-        cal.fit("act", [(float(n), b) for n, b in above], anchors.spec.act_bytes_per_token)
+        cal.fit("act", above, anchors.spec.act_bytes_per_token)
     cal.samples = len(train)
     return cal
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from resource_broker.cost_model import GIB, CostModel, latent_frames
+from resource_broker.cost_model import GIB, OUT_BYTES_PER_PIXEL_FRAME, CostModel, latent_frames
 from resource_broker.policy import plan_shot
 
 STEPS_HIGH, STEPS_LOW = 2, 2  # lightx2v-style 4 steps, cfg 1: one forward per step
@@ -369,10 +369,11 @@ def calibrate(rig: Rig, cost: CostModel, w: int, h: int, frames: list[int]) -> N
         _peak_and_reset(dev)
         decode(rig, lat, False)
         _sync(dev)
-        vae_pts.append((float(f * w * h), _peak_and_reset(dev) - base))
+        vae_pts.append((float(w * h), _peak_and_reset(dev) - base
+                        - f * w * h * OUT_BYTES_PER_PIXEL_FRAME))
         _free(dev)
     cost.calibration.fit("act", act_pts, cost.spec.act_bytes_per_token)
-    cost.calibration.fit("vae", vae_pts, cost.spec.vae_bytes_per_pixel_frame)
+    cost.calibration.fit("vae", vae_pts, cost.spec.vae_bytes_per_frame_pixel)
     print("calibration points (units, bytes): act", act_pts, "vae", vae_pts)
     print("calibration:", cost.calibration, flush=True)
 

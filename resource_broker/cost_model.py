@@ -1,9 +1,13 @@
 """VRAM cost model: predicted peak of each stage of a shot, from model sizes and the shot.
 
 Calibrated from shared/ANCHORS.md (H100, Wan 2.2 A14B architecture, bf16, SDPA):
-activations 0.108 MiB per latent token (linear over 14k-76k tokens), VAE full decode about
-145 bytes per output pixel-frame, one expert 13.57 GiB in fp8 / 26.7 GiB in bf16. Measured
-peaks refine the per-token and per-pixel-frame figures per machine (`Calibration.refine`).
+activations 0.108 MiB per latent token (linear over 14k-76k tokens), one expert 13.57 GiB in
+fp8 / 26.7 GiB in bf16, VAE full decode 4.38 GiB at 832x480 and 10.1 at 1280x720 (81 frames).
+The Wan VAE decodes two latent frames at a time with a cache of the frames before, so its
+working set follows the frame's area, not the clip's length; what grows with length is the
+decoded clip, kept on the GPU in bf16 until the decode ends (6 bytes per pixel-frame). On
+real ComfyUI (torch's peak counter, five sizes) that form holds within 1%. Measured peaks
+refine the per-token and per-pixel figures per machine (`Calibration.refine`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class ModelSpec:
     patch_div: int  # pixels per latent token side: VAE stride x patch (8x2 = 16, 16x2 = 32)
     act_bytes_per_token: float
     vae_weight_bytes: int
-    vae_bytes_per_pixel_frame: float  # full decode
+    vae_bytes_per_frame_pixel: float  # full decode's working set, per pixel of one frame
     vae_tiled_base_bytes: int  # tiled decode with default tiles: base + per pixel-frame
     vae_tiled_bytes_per_pixel_frame: float
     text_encoder_bytes: int
@@ -39,7 +43,11 @@ class ModelSpec:
 # Anchors (shared/ANCHORS.md). The 5B TI2V: 5.0 B params in fp16 (10 GiB), 30 blocks, dim
 # 3072 (activations scale by width vs the 14B's 5120), VAE stride 16 with 2x2 patches.
 _ACT_14B = 0.108 * MIB
-_VAE_PF = 145.0
+# The decoded clip: RGB in bf16, on the GPU until the last chunk is decoded.
+OUT_BYTES_PER_PIXEL_FRAME = 6
+# The anchors' full decode at 81 frames less its output: 11.3 KB per pixel of a frame (the
+# same at 832x480 and 1280x720).
+_VAE_FP = 4.38 * GIB / (832 * 480) - 81 * OUT_BYTES_PER_PIXEL_FRAME
 _TILED_BASE, _TILED_PF = int(0.17 * GIB), 25.6
 _UMT5_FP8 = int(6.27e9)
 # The Wan 2.1 VAE as ComfyUI 0.33 loads it (bf16): "242.03 MB loaded" in every H100 log
@@ -48,16 +56,16 @@ _VAE_21 = int(0.24 * GIB)
 
 MODELS: dict[str, ModelSpec] = {
     "wan2.2-14b": ModelSpec("wan2.2-14b", 2, int(13.57 * GIB), 40, 16, _ACT_14B,
-                            _VAE_21, _VAE_PF, _TILED_BASE, _TILED_PF, _UMT5_FP8),
+                            _VAE_21, _VAE_FP, _TILED_BASE, _TILED_PF, _UMT5_FP8),
     "wan2.2-14b-bf16": ModelSpec("wan2.2-14b-bf16", 2, int(26.7 * GIB), 40, 16, _ACT_14B,
-                                 _VAE_21, _VAE_PF, _TILED_BASE, _TILED_PF, _UMT5_FP8),
+                                 _VAE_21, _VAE_FP, _TILED_BASE, _TILED_PF, _UMT5_FP8),
     "wan2.1-14b": ModelSpec("wan2.1-14b", 1, int(13.57 * GIB), 40, 16, _ACT_14B,
-                            _VAE_21, _VAE_PF, _TILED_BASE, _TILED_PF, _UMT5_FP8),
+                            _VAE_21, _VAE_FP, _TILED_BASE, _TILED_PF, _UMT5_FP8),
     "wan2.2-5b": ModelSpec("wan2.2-5b", 1, int(9.3 * GIB), 30, 32, _ACT_14B * 3072 / 5120,
-                           int(1.4 * GIB), _VAE_PF * 1.5, _TILED_BASE, _TILED_PF * 1.5,
+                           int(1.4 * GIB), _VAE_FP * 1.5, _TILED_BASE, _TILED_PF * 1.5,
                            _UMT5_FP8),
     "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", 1, int(2.6 * GIB), 30, 16, _ACT_14B * 1536 / 5120,
-                             _VAE_21, _VAE_PF, _TILED_BASE, _TILED_PF, _UMT5_FP8),
+                             _VAE_21, _VAE_FP, _TILED_BASE, _TILED_PF, _UMT5_FP8),
 }
 CUDA_CONTEXT_BYTES = int(0.55 * GIB)
 
@@ -175,6 +183,7 @@ class CostModel:
         s = self.spec
         n = tokens(s, frames, width, height)
         pf = frames * width * height
+        area = width * height
         return ShotCost(
             model=s.name, frames=frames, width=width, height=height, tokens=n,
             expert=s.expert_bytes,
@@ -183,16 +192,18 @@ class CostModel:
                 + n * s.act_bytes_per_token * self.calibration.act_scale)),
             vae_weights=s.vae_weight_bytes,
             decode_full=int(self.calibration.vae_base
-                            + pf * s.vae_bytes_per_pixel_frame * self.calibration.vae_scale),
+                            + area * s.vae_bytes_per_frame_pixel * self.calibration.vae_scale
+                            + pf * OUT_BYTES_PER_PIXEL_FRAME),
             decode_tiled=int(s.vae_tiled_base_bytes + pf * s.vae_tiled_bytes_per_pixel_frame),
             text_encoder=s.text_encoder_bytes, context=self.context_bytes,
         )
 
     def tiled_decode_bytes(self, tile: int, overlap: int, temporal: int, frames: int) -> int:
-        """ComfyUI's VAEDecodeTiled decodes one (tile+overlap)^2 x temporal block at a time."""
+        """ComfyUI's VAEDecodeTiled decodes one (tile+overlap)^2 x temporal block at a time:
+        the full decode's working set over one tile's area, and that block's output."""
         side = tile + overlap
-        return int(side * side * min(temporal, frames) * self.spec.vae_bytes_per_pixel_frame
-                   * self.calibration.vae_scale)
+        return int(side * side * (self.spec.vae_bytes_per_frame_pixel * self.calibration.vae_scale
+                                  + min(temporal, frames) * OUT_BYTES_PER_PIXEL_FRAME))
 
     def swap_blocks_needed(self, over_bytes: int) -> int:
         """Blocks to keep in host RAM so that `over_bytes` fewer weight bytes are resident;

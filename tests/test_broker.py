@@ -77,6 +77,15 @@ def test_cost_model_matches_the_anchors() -> None:
     c = M14.shot(81, 832, 480)
     assert c.activations / GIB == pytest.approx(3.47, rel=0.02)
     assert c.decode_full / GIB == pytest.approx(4.38, rel=0.02)
+    assert M14.shot(81, 1280, 720).decode_full / GIB == pytest.approx(10.1, rel=0.02)
+
+
+def test_decode_follows_the_frame_area_and_grows_with_length_by_the_clip_only() -> None:
+    """Measured on real ComfyUI (vram-peak.json): 832x480 took 3.25, 3.37 and 3.55 GiB at 33,
+    81 and 161 frames; 80 more frames cost their bf16 RGB (6 B a pixel), nothing more."""
+    d = {f: M14.shot(f, 832, 480).decode_full for f in (33, 81, 161)}
+    assert d[161] - d[81] == 80 * 832 * 480 * 6
+    assert d[81] - d[33] == 48 * 832 * 480 * 6
     assert M14.shot(161, 832, 480).activations / GIB == pytest.approx(6.78, rel=0.02)
     assert M14.shot(81, 1280, 720).activations / GIB == pytest.approx(8.01, rel=0.02)
 
@@ -135,7 +144,10 @@ def test_tiny_budget_is_refused_with_numbers() -> None:
 
 
 def test_decode_goes_tiled_when_even_unloading_is_not_enough() -> None:
-    p = plan_shot(M14, 161, 1280, 720, budget_gib=19, strategy="broker")
+    """The full decode's working set follows the frame's area: a 1920x1088 frame needs 22 GiB
+    however short the clip, more than 19 GiB with every model unloaded."""
+    assert M14.shot(17, 1920, 1088).decode_full / GIB == pytest.approx(22.2, abs=0.1)
+    p = plan_shot(M14, 17, 1920, 1088, budget_gib=19, strategy="broker")
     d = p.decision("decode")
     assert d.action == "unload-then-decode-tiled"
     assert d.predicted_gib + 1.0 <= 19
@@ -148,7 +160,7 @@ def test_llm_placement() -> None:
                          **kw)
 
     assert plan(81, 5).decision("llm").action == "keep-on-gpu"
-    assert plan(33, 6).decision("llm").action == "unload"
+    assert plan(33, 8).decision("llm").action == "unload"
     part = plan(81, 14).decision("llm")
     assert part.action == "partial-offload" and 0.25 <= part.params["gpu_fraction"] < 1
     unc = plan(81, 6, llm_controllable=False)
@@ -218,7 +230,7 @@ def test_decode_headroom_full_free_tiled_refuse() -> None:
     assert choice.tiled and choice.params["tile_size"] <= 512
     ev = b.events[-1]
     assert (ev.stage, ev.action, ev.free_gib) == ("decode", "decode-tiled", 3.0)
-    assert "full decode needs 5.61" in ev.reason
+    assert "full decode needs 5.62" in ev.reason
     b = broker(ScriptedMonitor(80, [40, 0.5, 0.6]))
     with pytest.raises(BudgetTooSmall, match="any decode would spill"):
         b.decode_headroom(p, "s1", lambda: None)
