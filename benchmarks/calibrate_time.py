@@ -4,16 +4,23 @@ Input: what `benchmarks/comfyui_gpu.py` measured on the GPU machine (`benchmarks
 - cold clips: the soak's prompts after a /free (log lines "soak i WxHxF: S s"), each
   paying its model loads, encode, sampling, decode and the prompt's overhead;
 - warm clips: clips 2 and 3 of the one-prompt batches with ComfyUI's dynamic VRAM and no
-  LLM beside it, models kept from the clip before.
-The fit: three factors of the time model by least squares on the training sizes, `load`
+  LLM beside it, models kept from the clip before; 4 steps (2+2 with the LoRA) and 20+20.
+  The 20+20 clips are what tells the sampling apart from the per-prompt overhead: with
+  4 steps only, the fit put part of the steps into the overhead and came out 19% short on
+  20+20 clips.
+The fit: four factors of the time model by least squares on the training sizes, `load`
 (the models' loads here against the 2.5 GiB/s disk assumption; on the GPU machine the
-weights sit in the page cache), `sample` (sampling and decode against the anchors) and
-`overhead` (what a prompt costs besides: queueing, saving the clip).
-The held-out sizes are then predicted, not fitted, and the error printed. `--out` writes
-the calibrated model where a night reads it (`<output>/.time-model.json`).
+weights sit in the page cache), the two terms of a sampling step against the anchors (per
+token and per token squared: the attention; one scale for both came out 17% short on a
+held-out 20+20 size, the small shots' steps costing relatively more) and `overhead` (what a
+prompt costs besides: queueing, saving the clip). The decode and the encode keep the
+anchors' seconds.
+The held-out sizes are then predicted, not fitted, and the error printed; `WxHxF` holds out
+a size at every step count, `WxHxF:20+20` at that count only. `--out` writes the calibrated
+model where a night reads it (`<output>/.time-model.json`).
 
     python benchmarks/calibrate_time.py --results benchmarks/results \\
-        --hold-out 480x832x49 1280x720x33
+        --hold-out 480x832x49 1280x720x33 832x480x33:20+20
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from resource_broker.cost_model import MODELS, tokens  # noqa: E402
 from resource_broker.time_model import EngineProfile, TimeModel  # noqa: E402
 
 PROFILE = EngineProfile("comfyui", "wan2.2-14b", steps=(2, 2))  # the benchmark's 4 steps
@@ -37,6 +45,8 @@ LONG = EngineProfile("comfyui", "wan2.2-14b", steps=(20, 20))
 # between its unloads and says "models kept" of the prompts that really kept them.
 SOAK = re.compile(r"soak \d+ (\d+)x(\d+)x(\d+)(?: warm)?: ([\d.]+)s")
 Size = tuple[int, int, int]  # width, height, frames
+PROFILES = {"4": PROFILE, "20+20": LONG}
+Clip = tuple[Size, bool, str, float]  # size, cold, steps, seconds
 
 
 def cold_clips(results: Path) -> dict[Size, list[float]]:
@@ -67,31 +77,40 @@ def warm_clips(results: Path, free_gib: float | None = 32.0, steps: str = "4"
     return found
 
 
-def parts(tm: TimeModel, size: Size, cold: bool, profile: EngineProfile = PROFILE
-          ) -> tuple[float, float, float, float]:
-    """(loads, sampling + decode, prompt overhead, encode) seconds of one clip under `tm`."""
+Parts = tuple[float, float, float, float, float]
+
+
+def parts(tm: TimeModel, size: Size, cold: bool, profile: EngineProfile = PROFILE) -> Parts:
+    """(loads, the steps' per-token part, their per-token-squared part, prompt overhead,
+    encode + decode) seconds of one clip under `tm`."""
     w, h, f = size
     s = tm.shot_seconds(profile, f, w, h)
-    return (tm.load_seconds(profile) if cold else 0.0, s["sample"] + s["decode"],
-            s["overhead"], s["encode"])
+    n = tokens(MODELS[profile.model], f, w, h)
+    steps = sum(profile.steps) * profile.forwards_per_step * tm.scale.get("sample", 1.0)
+    return (tm.load_seconds(profile) if cold else 0.0, steps * tm.step_s_per_token * n,
+            steps * tm.step_s_per_token2 * n * n, s["overhead"], s["encode"] + s["decode"])
 
 
-def fit(tm: TimeModel, data: list[tuple[Size, bool, float]]) -> tuple[float, float, float]:
-    """Least squares of y - encode = k_load * loads + k_sample * work + k_overhead * overhead."""
+def fit(tm: TimeModel, data: list[Clip]) -> tuple[float, float, float, float]:
+    """Least squares of y - encode - decode = k_load * loads + k_lin * per-token part
+    + k_quad * per-token-squared part + k_overhead * overhead."""
     import numpy as np
 
-    rows = [(parts(tm, size, cold), y) for size, cold, y in data]
-    a = np.array([p[:3] for p, _y in rows])
-    b = np.array([y - p[3] for p, y in rows])
-    if np.linalg.matrix_rank(a) < 3:
+    rows = [(parts(tm, size, cold, PROFILES[steps]), y) for size, cold, steps, y in data]
+    a = np.array([p[:4] for p, _y in rows])
+    b = np.array([y - p[4] for p, y in rows])
+    if np.linalg.matrix_rank(a) < 4:
         raise SystemExit("the training clips cannot tell loads, sampling and overhead "
-                         "apart: add cold and warm clips of several sizes")
+                         "apart: add cold and warm clips of several sizes and step counts")
     k = np.linalg.lstsq(a, b, rcond=None)[0]
-    return float(k[0]), float(k[1]), float(k[2])
+    return float(k[0]), float(k[1]), float(k[2]), float(k[3])
 
 
-def calibrated(k: tuple[float, float, float]) -> TimeModel:
-    return TimeModel(scale={"load": k[0], "sample": k[1], "decode": k[1], "overhead": k[2]})
+def calibrated(k: tuple[float, float, float, float]) -> TimeModel:
+    a = TimeModel()
+    return TimeModel(step_s_per_token=a.step_s_per_token * k[1],
+                     step_s_per_token2=a.step_s_per_token2 * k[2],
+                     scale={"load": k[0], "overhead": k[3]})
 
 
 def predict(tm: TimeModel, size: Size, cold: bool, profile: EngineProfile = PROFILE) -> float:
@@ -118,46 +137,65 @@ def print_unfitted(what: str, clips: dict[Size, list[float]], tm: TimeModel,
               f"calibrated {c:.1f}  {100 * (c - y) / y:+5.0f}%")
 
 
+def held_out(clip: Clip, hold_out: list[str]) -> bool:
+    size = "x".join(map(str, clip[0]))
+    return size in hold_out or f"{size}:{clip[2]}" in hold_out
+
+
+def measured_clips(results: Path) -> list[Clip]:
+    clips: list[Clip] = [(size, True, "4", y) for size, ys in cold_clips(results).items()
+                         for y in ys]
+    for steps in PROFILES:
+        clips += [(size, False, steps, y)
+                  for size, ys in warm_clips(results, 32.0, steps).items() for y in ys]
+    return clips
+
+
+def print_table(anchors: TimeModel, tm: TimeModel, clips: list[Clip], hold_out: list[str]
+                ) -> None:
+    print("\nsize         steps  clips  kind  held out  measured s  anchors s  error  "
+          "calibrated s  error")
+    errors: dict[bool, list[float]] = {True: [], False: []}
+    groups: dict[tuple[Size, str, bool], list[Clip]] = defaultdict(list)
+    for clip in clips:
+        groups[(clip[0], clip[2], clip[1])].append(clip)
+    for (size, steps, cold), group in sorted(groups.items()):
+        y = sum(c[3] for c in group) / len(group)
+        a, c = (predict(m, size, cold, PROFILES[steps]) for m in (anchors, tm))
+        out = held_out(group[0], hold_out)
+        errors[out].append(abs(c - y) / y)
+        print(f"{'x'.join(map(str, size)):12} {steps:5}  {len(group):5}  "
+              f"{'cold' if cold else 'warm':4}  {'yes' if out else 'no':8}  {y:10.1f}  "
+              f"{a:9.1f}  {100 * (a - y) / y:+5.0f}%  {c:12.1f}  {100 * (c - y) / y:+5.0f}%")
+    print_mean_errors(errors)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--hold-out", nargs="+", default=["480x832x49", "1280x720x33"],
-                    help="sizes WxHxF predicted, not fitted")
+    ap.add_argument("--hold-out", nargs="+",
+                    default=["480x832x49", "1280x720x33", "832x480x33:20+20"],
+                    help="sizes WxHxF (or WxHxF:STEPS) predicted, not fitted")
     ap.add_argument("--out", type=Path, help="write the calibrated time model (JSON)")
     args = ap.parse_args()
 
-    held = {tuple(int(x) for x in s.split("x")) for s in args.hold_out}
-    clips = [(size, True, y) for size, ys in cold_clips(args.results).items() for y in ys]
-    clips += [(size, False, y) for size, ys in warm_clips(args.results).items() for y in ys]
+    clips = measured_clips(args.results)
     if not clips:
         raise SystemExit(f"no measured clips in {args.results}")
-    train = [c for c in clips if c[0] not in held]
+    train = [c for c in clips if not held_out(c, args.hold_out)]
     anchors = TimeModel()
     k = fit(anchors, train)
     tm = calibrated(k)
+    step = tm.step_seconds("wan2.2-14b", 81, 832, 480)
     print(f"fitted on {len(train)} clips: loads x{k[0]:.2f} ({tm.load_seconds(PROFILE):.1f} s "
-          f"a set, {anchors.load_seconds(PROFILE):.1f} s at 2.5 GiB/s), sampling and decode "
-          f"x{k[1]:.2f} of the anchors, per-prompt overhead x{k[2]:.2f} "
-          f"({parts(tm, (832, 480, 81), False)[2]:.1f} s a clip)")
-    print("\nsize         clips  kind  held out  measured s  anchors s  error  calibrated s"
-          "  error")
-    errors: dict[bool, list[float]] = {True: [], False: []}
-    groups: dict[tuple[Size, bool], list[float]] = defaultdict(list)
-    for size, cold, y in clips:
-        groups[(size, cold)].append(y)
-    for (size, cold), ys in sorted(groups.items()):
-        y = sum(ys) / len(ys)
-        a, c = predict(anchors, size, cold), predict(tm, size, cold)
-        out = size in held
-        errors[out].append(abs(c - y) / y)
-        print(f"{'x'.join(map(str, size)):12}  {len(ys):5}  {'cold' if cold else 'warm':4}  "
-              f"{'yes' if out else 'no':8}  {y:10.1f}  {a:9.1f}  {100 * (a - y) / y:+5.0f}%  "
-              f"{c:12.1f}  {100 * (c - y) / y:+5.0f}%")
-    print_mean_errors(errors)
+          f"a set, {anchors.load_seconds(PROFILE):.1f} s at 2.5 GiB/s), a step's per-token "
+          f"part x{k[1]:.2f} and per-token-squared part x{k[2]:.2f} of the anchors "
+          f"({step:.2f} s a step at 832x480x81, anchors "
+          f"{anchors.step_seconds('wan2.2-14b', 81, 832, 480):.2f}), per-prompt overhead "
+          f"x{k[3]:.2f} ({parts(tm, (832, 480, 81), False)[3]:.1f} s a clip)")
+    print_table(anchors, tm, clips, args.hold_out)
     print_unfitted("less than 32 GiB free (ComfyUI streams part of the weights)",
                    warm_clips(args.results, None), tm, PROFILE)
-    print_unfitted("20+20 steps without the 4-step LoRA (32 GiB free)",
-                   warm_clips(args.results, 32.0, "20+20"), tm, LONG)
     if args.out:
         tm.save(args.out)
         print(f"wrote {args.out}")
