@@ -13,8 +13,9 @@ The fit: four factors of the time model by least squares on the training sizes, 
 weights sit in the page cache), the two terms of a sampling step against the anchors (per
 token and per token squared: the attention; one scale for both came out 17% short on a
 held-out 20+20 size, the small shots' steps costing relatively more) and `overhead` (what a
-prompt costs besides: queueing, saving the clip). The decode and the encode keep the
-anchors' seconds.
+prompt costs besides: queueing, saving the clip). The decode's seconds are fitted first, on
+their own: the VAE's working time in the `--vram` runs traced with torch's peak counter
+(`vram-*.json`), a base and a figure per pixel-frame; the encode keeps the anchors' 0.5 s.
 The held-out sizes are then predicted, not fitted, and the error printed; `WxHxF` holds out
 a size at every step count, `WxHxF:20+20` at that count only. `--out` writes the calibrated
 model where a night reads it (`<output>/.time-model.json`).
@@ -30,6 +31,7 @@ import json
 import re
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +79,63 @@ def warm_clips(results: Path, free_gib: float | None = 32.0, steps: str = "4"
     return found
 
 
+def decode_runs(results: Path) -> list[tuple[Size, float]]:
+    """Seconds the VAE worked in each decode traced with torch's peak counter: from the first
+    to the last sample more than 1 GiB above the low that follows the expert's release (the
+    decode's working set is 3 GiB or more; the VAE and the decoded clip stay under 0.7)."""
+    found = []
+    for path in sorted(results.glob("vram-*.json")):
+        for r in json.loads(path.read_text()).get("vram", []):
+            trace = r.get("trace") or {}
+            start = next((t for t, label in trace.get("marks", []) if label.endswith(" decode")),
+                         None)
+            if start is None or "peak" not in trace.get("torch_source", ""):
+                continue
+            after = [(t, g) for t, g in trace["torch_active"] if t >= start]
+            low = min(g for _t, g in after)
+            first = next(i for i, (_t, g) in enumerate(after) if g <= low + 0.5)
+            hot = [t for t, g in after[first:] if g > low + 1.0]
+            if hot:
+                w, h, f = (int(x) for x in r["size"].split("x"))
+                found.append(((w, h, f), hot[-1] - hot[0]))
+    return found
+
+
+def fit_decode(runs: list[tuple[Size, float]]) -> tuple[float, float]:
+    """Least squares of seconds = base + per pixel-frame x pixel-frames (base never below 0)."""
+    import numpy as np
+
+    x = np.array([float(np.prod(size)) for size, _s in runs])
+    y = np.array([s for _size, s in runs])
+    slope, base = np.polyfit(x, y, 1)
+    if base < 0:
+        slope, base = y.sum() / x.sum(), 0.0
+    return float(base), float(slope)
+
+
+def print_decode(anchors: TimeModel, tm: TimeModel, runs: list[tuple[Size, float]],
+                 hold_out: list[str]) -> None:
+    print(f"\ndecode, the VAE's working time (torch's peak counter): {tm.decode_base_s:.2f} s + "
+          f"{tm.decode_s_per_pixel_frame * 1e9:.1f} ns per pixel-frame (anchors "
+          f"{anchors.decode_base_s:.2f} s + {anchors.decode_s_per_pixel_frame * 1e9:.1f} ns)")
+    print("size         runs  held out  measured s  anchors s  error  calibrated s  error"
+          "  off by")
+    errors: dict[bool, list[float]] = {True: [], False: []}
+    groups: dict[Size, list[float]] = defaultdict(list)
+    for size, sec in runs:
+        groups[size].append(sec)
+    for size, secs in sorted(groups.items()):
+        y = sum(secs) / len(secs)
+        a, c = (m.shot_seconds(PROFILE, size[2], size[0], size[1])["decode"]
+                for m in (anchors, tm))
+        out = "x".join(map(str, size)) in hold_out
+        errors[out].append(abs(c - y) / y)
+        print(f"{'x'.join(map(str, size)):12} {len(secs):5}  {'yes' if out else 'no':8}  "
+              f"{y:10.2f}  {a:9.2f}  {100 * (a - y) / y:+5.0f}%  {c:12.2f}  "
+              f"{100 * (c - y) / y:+5.0f}%  {c - y:+.2f} s")
+    print_mean_errors(errors)
+
+
 Parts = tuple[float, float, float, float, float]
 
 
@@ -106,11 +165,11 @@ def fit(tm: TimeModel, data: list[Clip]) -> tuple[float, float, float, float]:
     return float(k[0]), float(k[1]), float(k[2]), float(k[3])
 
 
-def calibrated(k: tuple[float, float, float, float]) -> TimeModel:
-    a = TimeModel()
-    return TimeModel(step_s_per_token=a.step_s_per_token * k[1],
-                     step_s_per_token2=a.step_s_per_token2 * k[2],
-                     scale={"load": k[0], "overhead": k[3]})
+def calibrated(k: tuple[float, float, float, float], base: TimeModel) -> TimeModel:
+    """`base` (the anchors, with the decode fitted) with the clip fit's factors."""
+    return replace(base, step_s_per_token=base.step_s_per_token * k[1],
+                   step_s_per_token2=base.step_s_per_token2 * k[2],
+                   scale={"load": k[0], "overhead": k[3]})
 
 
 def predict(tm: TimeModel, size: Size, cold: bool, profile: EngineProfile = PROFILE) -> float:
@@ -184,8 +243,14 @@ def main() -> None:
         raise SystemExit(f"no measured clips in {args.results}")
     train = [c for c in clips if not held_out(c, args.hold_out)]
     anchors = TimeModel()
-    k = fit(anchors, train)
-    tm = calibrated(k)
+    decodes = decode_runs(args.results)
+    base = anchors
+    fitted = [r for r in decodes if "x".join(map(str, r[0])) not in args.hold_out]
+    if fitted:
+        b, per = fit_decode(fitted)
+        base = replace(anchors, decode_base_s=b, decode_s_per_pixel_frame=per)
+    k = fit(base, train)
+    tm = calibrated(k, base)
     step = tm.step_seconds("wan2.2-14b", 81, 832, 480)
     print(f"fitted on {len(train)} clips: loads x{k[0]:.2f} ({tm.load_seconds(PROFILE):.1f} s "
           f"a set, {anchors.load_seconds(PROFILE):.1f} s at 2.5 GiB/s), a step's per-token "
@@ -194,6 +259,8 @@ def main() -> None:
           f"{anchors.step_seconds('wan2.2-14b', 81, 832, 480):.2f}), per-prompt overhead "
           f"x{k[3]:.2f} ({parts(tm, (832, 480, 81), False)[3]:.1f} s a clip)")
     print_table(anchors, tm, clips, args.hold_out)
+    if decodes:
+        print_decode(anchors, tm, decodes, args.hold_out)
     print_unfitted("less than 32 GiB free (ComfyUI streams part of the weights)",
                    warm_clips(args.results, None), tm, PROFILE)
     if args.out:
