@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.traces import decode_trace, peak_counter, vram_rows  # noqa: E402
 from resource_broker.cost_model import MODELS, tokens  # noqa: E402
 from resource_broker.time_model import EngineProfile, TimeModel  # noqa: E402
 
@@ -84,20 +85,17 @@ def decode_runs(results: Path) -> list[tuple[Size, float]]:
     to the last sample more than 1 GiB above the low that follows the expert's release (the
     decode's working set is 3 GiB or more; the VAE and the decoded clip stay under 0.7)."""
     found = []
-    for path in sorted(results.glob("vram-*.json")):
-        for r in json.loads(path.read_text()).get("vram", []):
-            trace = r.get("trace") or {}
-            start = next((t for t, label in trace.get("marks", []) if label.endswith(" decode")),
-                         None)
-            if start is None or "peak" not in trace.get("torch_source", ""):
-                continue
-            after = [(t, g) for t, g in trace["torch_active"] if t >= start]
-            low = min(g for _t, g in after)
-            first = next(i for i, (_t, g) in enumerate(after) if g <= low + 0.5)
-            hot = [t for t, g in after[first:] if g > low + 1.0]
-            if hot:
-                w, h, f = (int(x) for x in r["size"].split("x"))
-                found.append(((w, h, f), hot[-1] - hot[0]))
+    for r in vram_rows(results):
+        traced = decode_trace(r)
+        if traced is None or not peak_counter(r):
+            continue
+        after = traced[1]
+        low = min(g for _t, g in after)
+        first = next(i for i, (_t, g) in enumerate(after) if g <= low + 0.5)
+        hot = [t for t, g in after[first:] if g > low + 1.0]
+        if hot:
+            w, h, f = (int(x) for x in r["size"].split("x"))
+            found.append(((w, h, f), hot[-1] - hot[0]))
     return found
 
 

@@ -26,10 +26,8 @@ it (`<output>/.calibration.json`).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibrate_time import print_mean_errors  # noqa: E402
+from benchmarks.traces import decode_trace, peak_counter, vram_rows  # noqa: E402
 from resource_broker.cost_model import (  # noqa: E402
     GIB,
     OUT_BYTES_PER_PIXEL_FRAME,
@@ -48,13 +47,6 @@ from resource_broker.timeline import Sample, Timeline  # noqa: E402
 
 Point = tuple[str, int, float, float]  # size, tokens, idle GiB, measured low-pass peak GiB
 DecodePoint = tuple[str, float, float]  # size, sampling, GiB the decode took (torch)
-
-
-def vram_rows(results: Path) -> Iterator[dict[str, Any]]:
-    """The --vram rows that measured something, from every run in `results`."""
-    for path in sorted(results.glob("vram-*.json")):
-        yield from (r for r in json.loads(path.read_text()).get("vram", [])
-                    if not r.get("error"))
 
 
 def dims(size: str) -> tuple[int, int, int]:
@@ -78,14 +70,12 @@ def decode_points(rows: list[dict[str, Any]]) -> list[DecodePoint]:
     results hold any."""
     found = []
     for r in rows:
-        trace = r.get("trace")
-        if not trace or not trace.get("torch_active"):
+        traced = decode_trace(r)
+        if traced is None:
             continue
-        tl = Timeline(samples=[Sample(t, gib, 0.0, "torch") for t, gib in trace["torch_active"]])
-        start = next((t for t, label in trace["marks"] if label.endswith(" decode")), None)
-        if start is not None:
-            found.append((r["size"], "peak" if "peak" in trace.get("torch_source", "")
-                          else "sampled", tl.rise_gib(start)))
+        start, samples = traced
+        tl = Timeline(samples=[Sample(t, gib, 0.0, "torch") for t, gib in samples])
+        found.append((r["size"], "peak" if peak_counter(r) else "sampled", tl.rise_gib(start)))
     peaks = [p for p in found if p[1] == "peak"]
     return peaks or found
 
