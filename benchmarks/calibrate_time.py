@@ -37,8 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.traces import decode_trace, peak_counter, vram_rows  # noqa: E402
-from resource_broker.cost_model import MODELS, tokens  # noqa: E402
+from benchmarks.traces import Size, decode_trace, dims, name, peak_counter, vram_rows  # noqa: E402
 from resource_broker.time_model import EngineProfile, TimeModel  # noqa: E402
 
 PROFILE = EngineProfile("comfyui", "wan2.2-14b", steps=(2, 2))  # the benchmark's 4 steps
@@ -47,7 +46,6 @@ LONG = EngineProfile("comfyui", "wan2.2-14b", steps=(20, 20))
 # all the same (ComfyUI 0.33 unloads on any /free with free_memory); the soak now sends none
 # between its unloads and says "models kept" of the prompts that really kept them.
 SOAK = re.compile(r"soak \d+ (\d+)x(\d+)x(\d+)(?: warm)?: ([\d.]+)s")
-Size = tuple[int, int, int]  # width, height, frames
 PROFILES = {"4": PROFILE, "20+20": LONG}
 Clip = tuple[Size, bool, str, float]  # size, cold, steps, seconds
 
@@ -94,8 +92,7 @@ def decode_runs(results: Path) -> list[tuple[Size, float]]:
         first = next(i for i, (_t, g) in enumerate(after) if g <= low + 0.5)
         hot = [t for t, g in after[first:] if g > low + 1.0]
         if hot:
-            w, h, f = (int(x) for x in r["size"].split("x"))
-            found.append(((w, h, f), hot[-1] - hot[0]))
+            found.append((dims(r["size"]), hot[-1] - hot[0]))
     return found
 
 
@@ -126,9 +123,9 @@ def print_decode(anchors: TimeModel, tm: TimeModel, runs: list[tuple[Size, float
         y = sum(secs) / len(secs)
         a, c = (m.shot_seconds(PROFILE, size[2], size[0], size[1])["decode"]
                 for m in (anchors, tm))
-        out = "x".join(map(str, size)) in hold_out
+        out = name(size) in hold_out
         errors[out].append(abs(c - y) / y)
-        print(f"{'x'.join(map(str, size)):12} {len(secs):5}  {'yes' if out else 'no':8}  "
+        print(f"{name(size):12} {len(secs):5}  {'yes' if out else 'no':8}  "
               f"{y:10.2f}  {a:9.2f}  {100 * (a - y) / y:+5.0f}%  {c:12.2f}  "
               f"{100 * (c - y) / y:+5.0f}%  {c - y:+.2f} s")
     print_mean_errors(errors)
@@ -142,10 +139,10 @@ def parts(tm: TimeModel, size: Size, cold: bool, profile: EngineProfile = PROFIL
     encode + decode) seconds of one clip under `tm`."""
     w, h, f = size
     s = tm.shot_seconds(profile, f, w, h)
-    n = tokens(MODELS[profile.model], f, w, h)
-    steps = sum(profile.steps) * profile.forwards_per_step * tm.scale.get("sample", 1.0)
-    return (tm.load_seconds(profile) if cold else 0.0, steps * tm.step_s_per_token * n,
-            steps * tm.step_s_per_token2 * n * n, s["overhead"], s["encode"] + s["decode"])
+    lin, quad = tm.step_terms(profile.model, f, w, h)
+    steps = sum(profile.steps) * profile.forwards_per_step
+    return (tm.load_seconds(profile) if cold else 0.0, steps * lin, steps * quad,
+            s["overhead"], s["encode"] + s["decode"])
 
 
 def fit(tm: TimeModel, data: list[Clip]) -> tuple[float, float, float, float]:
@@ -190,12 +187,12 @@ def print_unfitted(what: str, clips: dict[Size, list[float]], tm: TimeModel,
     print(f"\nnot fitted, {what}:")
     for size, ys in sorted(clips.items()):
         y, c = sum(ys) / len(ys), predict(tm, size, False, profile)
-        print(f"{'x'.join(map(str, size)):12}  {len(ys):5}  warm  {y:10.1f}  "
+        print(f"{name(size):12}  {len(ys):5}  warm  {y:10.1f}  "
               f"calibrated {c:.1f}  {100 * (c - y) / y:+5.0f}%")
 
 
 def held_out(clip: Clip, hold_out: list[str]) -> bool:
-    size = "x".join(map(str, clip[0]))
+    size = name(clip[0])
     return size in hold_out or f"{size}:{clip[2]}" in hold_out
 
 
@@ -221,7 +218,7 @@ def print_table(anchors: TimeModel, tm: TimeModel, clips: list[Clip], hold_out: 
         a, c = (predict(m, size, cold, PROFILES[steps]) for m in (anchors, tm))
         out = held_out(group[0], hold_out)
         errors[out].append(abs(c - y) / y)
-        print(f"{'x'.join(map(str, size)):12} {steps:5}  {len(group):5}  "
+        print(f"{name(size):12} {steps:5}  {len(group):5}  "
               f"{'cold' if cold else 'warm':4}  {'yes' if out else 'no':8}  {y:10.1f}  "
               f"{a:9.1f}  {100 * (a - y) / y:+5.0f}%  {c:12.1f}  {100 * (c - y) / y:+5.0f}%")
     print_mean_errors(errors)
@@ -243,7 +240,7 @@ def main() -> None:
     anchors = TimeModel()
     decodes = decode_runs(args.results)
     base = anchors
-    fitted = [r for r in decodes if "x".join(map(str, r[0])) not in args.hold_out]
+    fitted = [r for r in decodes if name(r[0]) not in args.hold_out]
     if fitted:
         b, per = fit_decode(fitted)
         base = replace(anchors, decode_base_s=b, decode_s_per_pixel_frame=per)

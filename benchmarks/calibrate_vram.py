@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibrate_time import print_mean_errors  # noqa: E402
-from benchmarks.traces import decode_trace, peak_counter, vram_rows  # noqa: E402
+from benchmarks.traces import decode_trace, dims, peak_counter, vram_rows  # noqa: E402
 from resource_broker.cost_model import (  # noqa: E402
     GIB,
     OUT_BYTES_PER_PIXEL_FRAME,
@@ -47,12 +47,6 @@ from resource_broker.timeline import Sample, Timeline  # noqa: E402
 
 Point = tuple[str, int, float, float]  # size, tokens, idle GiB, measured low-pass peak GiB
 DecodePoint = tuple[str, float, float]  # size, sampling, GiB the decode took (torch)
-
-
-def dims(size: str) -> tuple[int, int, int]:
-    """'WxHxF' as (width, height, frames)."""
-    w, h, f = (int(x) for x in size.split("x"))
-    return w, h, f
 
 
 def shot(model: CostModel, size: str) -> ShotCost:

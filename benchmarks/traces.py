@@ -9,6 +9,18 @@ from pathlib import Path
 from typing import Any
 
 Trace = list[tuple[float, float]]  # (s from the run's start, GiB torch allocated)
+Size = tuple[int, int, int]  # width, height, frames
+
+
+def dims(size: str) -> Size:
+    """'WxHxF' as (width, height, frames)."""
+    w, h, f = (int(x) for x in size.split("x"))
+    return w, h, f
+
+
+def name(size: Size) -> str:
+    """(width, height, frames) as 'WxHxF'."""
+    return "x".join(map(str, size))
 
 
 def vram_rows(results: Path) -> Iterator[dict[str, Any]]:

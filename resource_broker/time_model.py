@@ -76,10 +76,16 @@ class TimeModel:
         return self.scale.get(stage, 1.0)
 
     # -- GPU stages of one shot --------------------------------------------------------------
-    def step_seconds(self, model: str, frames: int, width: int, height: int) -> float:
+    def step_terms(self, model: str, frames: int, width: int, height: int
+                   ) -> tuple[float, float]:
+        """A sampling step's seconds that grow with the latent tokens and with their square
+        (the attention); benchmarks/calibrate_time.py scales the two apart."""
         n = tokens(MODELS[model], frames, width, height)
-        per = self.step_s_per_token * n + self.step_s_per_token2 * n * n
-        return per * MODEL_COMPUTE.get(model, 1.0) * self._k("sample")
+        k = MODEL_COMPUTE.get(model, 1.0) * self._k("sample")
+        return self.step_s_per_token * n * k, self.step_s_per_token2 * n * n * k
+
+    def step_seconds(self, model: str, frames: int, width: int, height: int) -> float:
+        return sum(self.step_terms(model, frames, width, height))
 
     def shot_seconds(self, p: EngineProfile, frames: int, width: int, height: int,
                      *, tiled: bool = False) -> dict[str, float]:
